@@ -1,0 +1,99 @@
+"""Typed configs stored with the weights (safetensors metadata and config.json)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import C2AMError
+
+CONFIG_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """What is needed to rebuild a C2AM model and read its maps the right way round."""
+
+    backbone: str = "tf_efficientnet_lite0"
+    feature_levels: tuple[int, ...] = (-2, -1)  # timm out_indices: the last two levels
+    output_stride: int | None = 16  # asked of timm where the model supports it
+    image_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    polarity: int = 1  # +1: the head's map is foreground; -1: 1 - map is foreground
+    polarity_score: float | None = None  # border minus interior activation that decided it
+    box_threshold: float = 0.5  # tau (relative to the map's max) for boxes
+    box_threshold_source: str = "default"  # where tau was chosen (a calibration split, ...)
+    cue_threshold: float = 0.3  # background cue: map below this is background
+    scales: tuple[float, ...] = (1.0,)  # default test-time scales
+    flip: bool = False  # default test-time horizontal flip
+
+
+@dataclass
+class TrainConfig:
+    """How a model was (or will be) trained; stored with each checkpoint."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    alpha: float = 0.25
+    lr: float = 1e-4
+    momentum: float = 0.9  # the authors' code effectively used 1e-4 (see README)
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    poly_power: float = 0.9
+    resize: int | None = None  # resize to resize x resize, then random crop; default image_size * 8 / 7
+    freeze_backbone: bool = False
+    bn_train: bool = False  # update backbone BatchNorm statistics while training
+    cache_views: int = 0  # frozen backbone only: precomputed augmented views per image
+    backbone_weights: str | None = None
+    seed: int = 0
+    num_workers: int = 2
+    amp: bool = True  # used on CUDA only
+    polarity_images: int = 128
+
+
+@dataclass
+class C2AMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: int = CONFIG_VERSION
+    versions: dict[str, str] = field(default_factory=dict)  # library versions that wrote it
+    data: dict[str, Any] = field(default_factory=dict)  # what the model was trained on, metrics
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "C2AMConfig":
+        version = d.get("version")
+        if version != CONFIG_VERSION:
+            raise C2AMError(f"config version {version!r} is not supported (this c2am reads version {CONFIG_VERSION})")
+        return cls(
+            model=_build(ModelConfig, d.get("model", {})),
+            train=_build(TrainConfig, d.get("train", {})),
+            version=version,
+            versions=dict(d.get("versions", {})),
+            data=dict(d.get("data", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "C2AMConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise C2AMError(f"config is not valid JSON ({e})") from None
+
+
+def _build(kind, values: dict[str, Any]):
+    """Build a dataclass from a dict, turning lists back into tuples and refusing unknown keys."""
+    names = {f.name: f for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise C2AMError(f"unknown {kind.__name__} fields in config: {', '.join(unknown)}")
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})

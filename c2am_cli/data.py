@@ -1,0 +1,138 @@
+"""Images in: folder scanning, robust decoding, transforms, and the datasets that feed a DataLoader."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
+
+from .errors import C2AMError, ImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x its warning level)
+
+Image.MAX_IMAGE_PIXELS = None  # c2am checks the size itself, with a clear message per file
+
+
+def scan_images(root: str | Path) -> list[str]:
+    """Image files under `root` (recursive, any case of extension), as sorted POSIX paths relative to it.
+
+    Symbolic links are followed, but a folder reached twice (a link loop) is visited once.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise C2AMError(f"{root}: no such folder")
+    if root.is_file():
+        if root.suffix.lower() in IMAGE_EXTENSIONS:
+            return [root.name]
+        raise C2AMError(f"{root}: not a folder and not an image file")
+    seen, found = set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root)
+        found += [(rel / f).as_posix() for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if not found:
+        raise C2AMError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(found)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; 16-bit and float images are scaled, not clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        canvas = Image.new("RGB", img.size, (255, 255, 255))
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one image as upright RGB (EXIF orientation applied); raise ImageError with the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(path, "empty file (0 bytes)")
+        with Image.open(path) as img:
+            w, h = img.size
+            if max_pixels and w * h > max_pixels:
+                raise ImageError(path, f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} (decompression bomb?); raise --max-pixels to allow it")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image Pillow can read") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(path, f"cannot decode ({e})") from None
+
+
+def to_tensor_normalized(mean, std) -> T.Compose:
+    return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))])
+
+
+def train_transform(image_size: int, resize: int | None, mean, std) -> T.Compose:
+    """The authors' augmentation: resize to resize x resize, random horizontal flip, random crop."""
+    resize = resize or int(round(image_size * 8 / 7))
+    return T.Compose([T.Resize((resize, resize), antialias=True), T.RandomHorizontalFlip(), T.RandomCrop(image_size),
+                      to_tensor_normalized(mean, std)])
+
+
+def eval_transform(image_size: int, mean, std) -> T.Compose:
+    """Squash the whole image to image_size x image_size (nothing cropped, so boxes map back exactly)."""
+    return T.Compose([T.Resize((image_size, image_size), antialias=True), to_tensor_normalized(mean, std)])
+
+
+class ImageFolder(Dataset):
+    """Files of a folder through a transform; a bad file yields an error record instead of raising."""
+
+    def __init__(self, root: str | Path, files: list[str], transform, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.root, self.files, self.transform, self.max_pixels = Path(root), list(files), transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            img = load_image(self.root / self.files[i], self.max_pixels)
+        except ImageError as e:
+            return {"index": i, "error": e.reason}
+        return {"index": i, "image": self.transform(img), "size": img.size}
+
+
+@dataclass
+class Batch:
+    indices: list[int] = field(default_factory=list)
+    images: torch.Tensor | None = None
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of the upright image
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(items: list[dict]) -> Batch:
+    """Stack the good images of a batch and keep the errors of the bad ones beside them."""
+    good = [it for it in items if "error" not in it]
+    return Batch(
+        indices=[it["index"] for it in good],
+        images=torch.stack([it["image"] for it in good]) if good else None,
+        sizes=[it["size"] for it in good],
+        errors=[(it["index"], it["error"]) for it in items if "error" in it],
+    )

