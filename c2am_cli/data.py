@@ -1,7 +1,10 @@
 """Images in: folder scanning, robust decoding, transforms, and the datasets that feed a DataLoader."""
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +22,11 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x it
 Image.MAX_IMAGE_PIXELS = None  # c2am checks the size itself, with a clear message per file
 
 
-def scan_images(root: str | Path) -> list[str]:
+def scan_images(root: str | Path, errors: list[tuple[str, str]] | None = None) -> list[str]:
     """Image files under `root` (recursive, any case of extension), as sorted POSIX paths relative to it.
 
-    Symbolic links are followed, but a folder reached twice (a link loop) is visited once.
+    Symbolic links are followed, but a folder reached twice (a link loop) is visited once. A sub-folder that
+    cannot be listed is appended to `errors` as (relative path, reason) when given, instead of being skipped silently.
     """
     root = Path(root)
     if not root.exists():
@@ -31,8 +35,16 @@ def scan_images(root: str | Path) -> list[str]:
         if root.suffix.lower() in IMAGE_EXTENSIONS:
             return [root.name]
         raise C2AMError(f"{root}: not a folder and not an image file")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise C2AMError(f"{root}: permission denied")
+
+    def unlisted(e: OSError) -> None:
+        if errors is not None and e.filename is not None:
+            rel = Path(os.fsdecode(e.filename)).relative_to(root).as_posix()
+            errors.append((rel, f"cannot list this folder ({e.strerror or e})"))
+
     seen, found = set(), []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlisted):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
@@ -51,6 +63,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F" and 0.0 <= a.min() and a.max() <= 1.0:
+            hi = 1.0  # a float image in [0, 1]
         img = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
@@ -64,7 +78,10 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
     """Decode one image as upright RGB (EXIF orientation applied); raise ImageError with the reason."""
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(path, "not a regular file")  # a FIFO or device named .jpg would block the run
+        if st.st_size == 0:
             raise ImageError(path, "empty file (0 bytes)")
         with Image.open(path) as img:
             w, h = img.size
@@ -79,8 +96,15 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
         raise ImageError(path, "not an image Pillow can read") from None
     except PermissionError:
         raise ImageError(path, "permission denied") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except FileNotFoundError:
+        reason = "broken symbolic link" if path.is_symlink() else "no such file (removed during the run?)"
+        raise ImageError(path, reason) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageError(path, "symbolic link loop") from None
         raise ImageError(path, f"cannot decode ({e})") from None
+    except Exception as e:  # any decoder failure (SyntaxError, ValueError, struct.error, MemoryError...) is this file's
+        raise ImageError(path, f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def to_tensor_normalized(mean, std) -> T.Compose:
@@ -111,9 +135,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, i: int) -> dict:
         try:
             img = load_image(self.root / self.files[i], self.max_pixels)
+            return {"index": i, "image": self.transform(img), "size": img.size}
         except ImageError as e:
             return {"index": i, "error": e.reason}
-        return {"index": i, "image": self.transform(img), "size": img.size}
+        except Exception as e:  # a transform failing on one odd image must not end a run over thousands
+            return {"index": i, "error": f"cannot transform ({type(e).__name__}: {e})"}
 
 
 @dataclass
@@ -136,3 +162,11 @@ def collate(items: list[dict]) -> Batch:
         sizes=[it["size"] for it in good],
         errors=[(it["index"], it["error"]) for it in items if "error" in it],
     )
+
+
+def pause_for_tests() -> None:
+    """Test hook, off by default: sleep $C2AM_TEST_SLEEP_PER_BATCH seconds after each batch, so that the kill
+    tests (tests/test_robustness.py) can SIGKILL a run part-way at a predictable point."""
+    seconds = float(os.environ.get("C2AM_TEST_SLEEP_PER_BATCH", 0) or 0)
+    if seconds > 0:
+        time.sleep(seconds)

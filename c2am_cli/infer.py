@@ -1,8 +1,11 @@
 """Batched localisation of a folder: activation maps, boxes, map files, overlays; resumable and atomic."""
 from __future__ import annotations
 
+import dataclasses
+import glob
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +17,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .boxes import boxes_from_map, scale_boxes
-from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, load_image, scan_images
+from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, load_image, pause_for_tests, scan_images
 from .errors import C2AMError, ImageError
-from .io import JsonLines, save_npy_atomic, save_png_atomic, write_json_atomic
+from .io import JsonLines, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic
 from .model import C2AM
 from .train import _autocast, resolve_device
 
@@ -37,12 +40,27 @@ class LocalizeSummary:
 
 
 def output_names(files: list[str], suffix: str) -> dict[str, str]:
-    """Output path per input: same relative path with `suffix`; inputs sharing a stem in one folder keep their extension."""
-    stems: dict[str, int] = {}
-    for f in files:
-        key = str(Path(f).with_suffix(""))
-        stems[key] = stems.get(key, 0) + 1
-    return {f: (str(Path(f).with_suffix("")) if stems[str(Path(f).with_suffix(""))] == 1 else f) + suffix for f in files}
+    """Output path per input: same relative path with `suffix` in place of the extension, or appended to the full
+    name where that would collide (a.jpg + a.png, or a.jpg.png beside them; compared case-blind for macOS/Windows)."""
+    names = {f: str(Path(f).with_suffix("")) + suffix for f in files}
+    while True:
+        groups: dict[str, list[str]] = {}
+        for f, name in names.items():
+            groups.setdefault(name.casefold(), []).append(f)
+        clash = [f for group in groups.values() if len(group) > 1 for f in group if names[f] != f + suffix]
+        if not clash:
+            return names
+        for f in clash:  # full names are unique, so this ends
+            names[f] = f + suffix
+
+
+def model_digest(model: C2AM) -> str:
+    """A short hash of the weights and the model config, so a resumed run never mixes two models' outputs."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.config.model), sort_keys=True).encode())
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def overlay(image: Image.Image, heat: np.ndarray, boxes: list[list[int]]) -> Image.Image:
@@ -109,56 +127,99 @@ class Localizer:
 
     def run(self, image_dir, out="boxes.json", maps_dir=None, map_format: str = "npy", overlays_dir=None,
             fmt: str = "json", overwrite: bool = False, strict: bool = False, progress: bool = True) -> LocalizeSummary:
+        """Localise every image under `image_dir`, resuming from OUT.manifest.jsonl unless `overwrite`.
+
+        Images go through the model in fixed chunks of `batch_size` of the sorted file list, and a resumed run redoes
+        whole chunks, so its maps and boxes are bit-identical to those of an uninterrupted run.
+        """
         image_dir, out = Path(image_dir), Path(out)
+        maps_dir = None if maps_dir is None else Path(maps_dir)
+        overlays_dir = None if overlays_dir is None else Path(overlays_dir)
         if fmt not in ("json", "coco"):
             raise C2AMError(f"--format {fmt}: use json or coco")
         if map_format not in ("npy", "png", "both"):
             raise C2AMError(f"--map-format {map_format}: use npy, png or both")
-        files = scan_images(image_dir)
+        if out.is_dir():
+            raise C2AMError(f"--out {out}: is a folder; give a file name such as {out / 'boxes.json'}")
+        if maps_dir is not None and overlays_dir is not None and map_format != "npy" and maps_dir.resolve() == overlays_dir.resolve():
+            raise C2AMError(f"--maps and --overlays are both {maps_dir}: PNG maps and overlays would overwrite each other")
+        scan_errors: list[tuple[str, str]] = []
+        files = scan_images(image_dir, scan_errors)
+        if image_dir.is_file():
+            image_dir = image_dir.parent
+        files = self._skip_outputs(image_dir, files, (maps_dir, overlays_dir))
         summary = LocalizeSummary(out=out, images=len(files))
         manifest = JsonLines(out.with_name(out.name + ".manifest.jsonl"))
         errors = JsonLines(out.with_name(out.name + ".errors.jsonl"))
-        fingerprint = hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:16]
-        done = {}
+        outputs = {"maps": None if maps_dir is None else str(maps_dir.resolve()), "map_format": map_format if maps_dir else None,
+                   "overlays": None if overlays_dir is None else str(overlays_dir.resolve())}
+        settings = {**self.settings(), **outputs, "model": model_digest(self.model)}
+        fingerprint = hashlib.sha256(json.dumps({k: v for k, v in settings.items() if k != "weights"}, sort_keys=True).encode()).hexdigest()[:16]
+        for folder in (maps_dir, overlays_dir):
+            if folder is not None:
+                remove_stale_temps(folder)  # left by a run killed mid-write
+        remove_stale_temps(out.parent, glob.escape(out.name), recursive=False)
+        done, failed_before = {}, {}
         if overwrite:
             manifest.reset()
-            errors.reset()
         else:
             previous = manifest.read()
             if previous and previous[0].get("settings") != fingerprint:
-                raise C2AMError(f"{manifest.path}: an earlier run used other settings; pass --overwrite to redo it")
-            done = {r["record"]["file"]: r["record"] for r in previous[1:] if "record" in r}
-            errors.reset()  # failures are retried, and reported anew
+                raise C2AMError(f"{manifest.path}: an earlier run used other weights or settings; pass --overwrite to redo it")
+            for r in previous[1:]:
+                if "record" in r:
+                    done[r["record"]["file"]] = r["record"]
+                elif "failed" in r:
+                    failed_before[r["failed"]["path"]] = r["failed"]["reason"]
+        errors.reset()  # this run's failures only: earlier ones are retried, and reported anew
         if not manifest.read():
-            manifest.append({"settings": fingerprint, **self.settings()})
-        todo = [f for f in files if f not in done]
-        summary.resumed = len(files) - len(todo)
-        npy_names, png_names = output_names(files, ".npy"), output_names(files, ".png")
-        mc = self.model.config.model
-        ds = ImageFolder(image_dir, todo, eval_transform(mc.image_size, mc.mean, mc.std), self.max_pixels)
-        loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda")
-        bar = tqdm(total=len(todo), desc="localize", unit="img", disable=not progress)
+            manifest.append({"settings": fingerprint, **settings})
+
+        def fail(rel: str, reason: str, record: bool = True) -> None:
+            if record:
+                manifest.append({"failed": {"path": rel, "reason": reason}})
+            errors.append({"path": rel, "reason": reason})
+            summary.failed.append({"path": rel, "reason": reason})
+            if strict:
+                raise ImageError(image_dir / rel, reason)
+            tqdm.write(f"warning: {rel}: {reason} (skipped)", file=sys.stderr)
+
+        todo = []
         try:
-            for batch in loader:
-                for idx, reason in batch.errors:
-                    if strict:
-                        raise ImageError(image_dir / todo[idx], reason)
-                    tqdm.write(f"warning: {todo[idx]}: {reason} (skipped)")
-                    errors.append({"path": todo[idx], "reason": reason})
-                    summary.failed.append({"path": todo[idx], "reason": reason})
-                if len(batch):
-                    maps = self.maps(batch.images)
-                    for idx, size, m in zip(batch.indices, batch.sizes, maps):
-                        rel = todo[idx]
-                        record = self._one(image_dir, rel, size, m, maps_dir, map_format, overlays_dir,
-                                           npy_names[rel], png_names[rel])
-                        manifest.append({"record": record})
-                        done[rel] = record
-                        summary.processed += 1
-                bar.update(len(batch) + len(batch.errors))
+            for rel, reason in scan_errors:
+                fail(rel, reason, record=False)
+            for start in range(0, len(files), self.batch_size):
+                chunk = files[start:start + self.batch_size]
+                if not self._settled(image_dir, chunk, done, failed_before):
+                    todo += chunk
+                    continue
+                for rel in chunk:
+                    if rel in failed_before and rel not in done:
+                        fail(rel, failed_before[rel], record=False)
+            summary.resumed = sum(f in done for f in files)
+            npy_names, png_names = output_names(files, ".npy"), output_names(files, ".png")
+            mc = self.model.config.model
+            ds = ImageFolder(image_dir, todo, eval_transform(mc.image_size, mc.mean, mc.std), self.max_pixels)
+            loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                                collate_fn=collate, pin_memory=self.device.type == "cuda")
+            with tqdm(total=len(todo), desc="localize", unit="img", disable=not progress) as bar:
+                for batch in loader:
+                    for idx, reason in batch.errors:
+                        fail(todo[idx], reason)
+                    if len(batch):
+                        maps = self.maps(batch.images)
+                        for idx, size, m in zip(batch.indices, batch.sizes, maps):
+                            rel = todo[idx]
+                            if rel in done:  # redone only to keep this chunk's batch as it was
+                                continue
+                            record = self._one(image_dir, rel, size, m, maps_dir, map_format, overlays_dir,
+                                               npy_names[rel], png_names[rel])
+                            manifest.append({"record": record})  # after the map files: a record means all is written
+                            done[rel] = record
+                            summary.processed += 1
+                    bar.update(len(batch) + len(batch.errors))
+                    pause_for_tests()
         finally:
-            bar.close()
             manifest.close()
             errors.close()
         records = [done[f] for f in files if f in done]
@@ -167,6 +228,32 @@ class Localizer:
         else:
             write_json_atomic(out, {"version": 1, "weights": self.weights_name, "threshold": self.threshold, "images": records})
         return summary
+
+    @staticmethod
+    def _skip_outputs(image_dir: Path, files: list[str], folders) -> list[str]:
+        """Drop files that lie in an output folder inside the input folder (a re-run would take its maps for inputs)."""
+        root = image_dir.resolve()
+        prefixes = []
+        for folder in folders:
+            if folder is not None and folder.resolve().is_relative_to(root) and folder.resolve() != root:
+                prefixes.append(folder.resolve().relative_to(root).as_posix() + "/")
+        kept = [f for f in files if not f.startswith(tuple(prefixes))] if prefixes else files
+        if not kept:
+            raise C2AMError(f"{image_dir}: no images found outside the output folders")
+        return kept
+
+    def _settled(self, image_dir: Path, chunk: list[str], done: dict, failed_before: dict) -> bool:
+        """Whether an earlier run finished this chunk: every image done, or failed and still unreadable."""
+        if any(f not in done and f not in failed_before for f in chunk):
+            return False
+        for f in chunk:
+            if f in failed_before and f not in done:
+                try:
+                    load_image(image_dir / f, self.max_pixels)
+                    return False  # readable now (fixed, or --max-pixels raised): redo its chunk
+                except ImageError as e:
+                    failed_before[f] = e.reason
+        return True
 
     def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name) -> dict:
         w, h = size
@@ -191,4 +278,6 @@ def localize(image_dir, out="boxes.json", weights=None, **kwargs) -> LocalizeSum
     """Localise every image under `image_dir` with C2AM weights (default: the embedded model)."""
     run_keys = {"maps_dir", "map_format", "overlays_dir", "fmt", "overwrite", "strict", "progress"}
     run_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in run_keys}
+    if not Path(image_dir).exists():  # before loading the weights: a typo should fail at once
+        raise C2AMError(f"{image_dir}: no such folder")
     return Localizer(weights, **kwargs).run(image_dir, out, **run_kwargs)

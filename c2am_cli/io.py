@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,6 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from .errors import C2AMError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -20,8 +22,11 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise C2AMError(f"{path}: cannot write ({e.strerror or e})") from e
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be as readable as any other
@@ -30,8 +35,36 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only folder, a folder in the way: one clear line, not a traceback
+        raise C2AMError(f"{path}: cannot write ({e.strerror or e})") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what atomic_path's mkstemp names look like
+
+
+def remove_stale_temps(folder: str | Path, name: str = "*", recursive: bool = True) -> int:
+    """Delete the temporary files a killed run left for outputs named `name` (a glob) under `folder`; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    pattern = f".{name}.*.tmp"
+    found = folder.rglob(pattern) if recursive else folder.glob(pattern)
+    stale = [p for p in found if _TEMP_NAME.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """JSON that is valid UTF-8: non-ASCII kept readable, except undecodable file names (lone surrogates), escaped."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=indent, ensure_ascii=True)
+    return text
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -44,13 +77,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    write_text_atomic(path, dumps(obj, indent=indent) + "\n")
 
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
+    """A compressed .npz of plain arrays (readable with allow_pickle=False), written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
 
 
 def save_png_atomic(path: str | Path, image: Image.Image) -> None:
@@ -71,20 +111,24 @@ class JsonLines:
         if not self.path.exists():
             return []
         records = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().splitlines():  # bytes: a torn line may end inside a UTF-8 character
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                records.append(json.loads(line.decode("utf-8")))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
         return records
 
     def append(self, record: dict) -> None:
         if self._f is None:
-            needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
+            needs_newline = False
+            if self.path.exists() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    needs_newline = f.read(1) != b"\n"
             self._f = open(self.path, "a", encoding="utf-8")
             if needs_newline:
                 self._f.write("\n")
-        self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._f.write(dumps(record) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -11,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .config import C2AMConfig, ModelConfig, TrainConfig
-from .data import ImageFolder, collate, eval_transform, scan_images, train_transform
-from .errors import C2AMError
-from .io import JsonLines, atomic_path
+from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
+from .errors import C2AMError, ImageError
+from .io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
 from .loss import ContrastiveLoss
 from .model import C2AM
 
@@ -88,11 +89,16 @@ class Trainer:
     """Trains one run folder; `run()` returns the path of the final model.safetensors."""
 
     def __init__(self, image_dir, out_dir, model_config: ModelConfig | None = None, train_config: TrainConfig | None = None,
-                 device: str = "auto", resume: bool = False, init: str | None = None, progress: bool = True):
+                 device: str = "auto", resume: bool = False, init: str | None = None, progress: bool = True,
+                 strict: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.image_dir, self.out_dir = Path(image_dir), Path(out_dir)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise C2AMError(f"--out {self.out_dir}: is a file; give a run folder")
         self.device = resolve_device(device)
-        self.progress = progress
-        self.files = scan_images(self.image_dir)
+        self.progress, self.strict, self.max_pixels = progress, strict, max_pixels
+        self._scan_errors: list[tuple[str, str]] = []
+        self.files = scan_images(self.image_dir, self._scan_errors)
+        self.failed: list[dict] = []  # {"path", "reason"} of the images this run could not read
         ckpt = self.out_dir / CHECKPOINT
         self.state = {"epoch": 0, "step": 0}
         if resume and ckpt.exists():
@@ -102,6 +108,7 @@ class Trainer:
         else:
             if resume:
                 tqdm.write(f"no checkpoint in {self.out_dir}: starting a new run")
+            torch.manual_seed((train_config or TrainConfig()).seed)  # the head's initial weights
             self.model = self._build(model_config or ModelConfig(), train_config or TrainConfig(), init)
             opt_state = None
         self.cfg = self.model.config.train
@@ -134,7 +141,10 @@ class Trainer:
                 from .hub import backbone_state_dict
 
                 state, mean_std = backbone_state_dict(tcfg.backbone_weights, mcfg.backbone)
-                model.backbone.load_pretrained(state)
+                try:
+                    model.backbone.load_pretrained(state)
+                except C2AMError as e:  # name the file and the backbone it was meant for
+                    raise C2AMError(f"--backbone-weights {tcfg.backbone_weights} for {mcfg.backbone}: {e}") from None
                 if mean_std is not None:
                     model.config.model.mean, model.config.model.std = mean_std
         if mcfg.mean == ModelConfig.mean and mcfg.std == ModelConfig.std and model.config.model.mean == ModelConfig.mean:
@@ -149,14 +159,19 @@ class Trainer:
     def _load_checkpoint(self, path: Path):
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        config = C2AMConfig.from_json(meta["config"])
-        model = C2AM(config)
-        if config.train.freeze_backbone:
-            model.backbone.requires_grad_(False)
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            config = C2AMConfig.from_json(meta["config"])
+            model = C2AM(config)
+            if config.train.freeze_backbone:
+                model.backbone.requires_grad_(False)
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        except Exception as e:  # truncated or garbled file, unknown config version, tensors of another model
+            reason = str(e) if isinstance(e, C2AMError) else f"{type(e).__name__}: {e}"
+            raise C2AMError(f"{path}: cannot resume from this checkpoint ({reason.splitlines()[0]}); "
+                            f"remove it to start afresh") from e
         opt = meta["optimizer"]
         for idx, st in opt["state"].items():
             for name in list(st):
@@ -194,12 +209,24 @@ class Trainer:
                           num_workers=self.cfg.num_workers, collate_fn=collate_fn, generator=g,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
+    def _fail(self, rel: str, reason: str) -> None:
+        """One bad input: a record in errors.jsonl and a warning line; with strict, the end of the run."""
+        self.errors.append({"path": rel, "reason": reason})
+        self.failed.append({"path": rel, "reason": reason})
+        if self.strict:
+            raise ImageError(self.image_dir / rel, reason)
+        tqdm.write(f"warning: {rel}: {reason} (skipped)", file=sys.stderr)
+
     def _report_errors(self, batch) -> None:
         for idx, reason in batch.errors:
             if idx not in self._bad:
                 self._bad.add(idx)
-                tqdm.write(f"warning: {self.files[idx]}: {reason} (skipped)")
-                self.errors.append({"path": self.files[idx], "reason": reason})
+                self._fail(self.files[idx], reason)
+
+    def _trim_log(self) -> None:
+        """Keep the log records up to the checkpoint's epoch: a resumed run writes the later ones again."""
+        kept = [r for r in self.log.read() if r.get("epoch", 0) <= self.state["epoch"]]
+        write_text_atomic(self.log.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -209,9 +236,10 @@ class Trainer:
     def _feature_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Frozen backbone: features of `cache_views` augmented views of every image, computed once (fp16)."""
         m = self.model.config.model
-        ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std))
+        ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std), self.max_pixels)
         feats, owners, views = [], [], []
         for view in range(self.cfg.cache_views):
+            torch.manual_seed(self.cfg.seed * 100_003 - 1 - view)  # the augmentation, with --workers 0
             loader = self._loader(ds, epoch=-1 - view, shuffle=False, drop_last=False)
             for batch in tqdm(loader, desc=f"caching features, view {view + 1}/{self.cfg.cache_views}", disable=not self.progress, leave=False):
                 self._report_errors(batch)
@@ -223,12 +251,22 @@ class Trainer:
         return torch.cat(feats), torch.cat(owners), torch.cat(views)
 
     def _polarity_images(self) -> torch.Tensor:
+        """`polarity_images` readable images drawn at random (bad ones are reported and replaced)."""
         m = self.model.config.model
         g = torch.Generator().manual_seed(self.cfg.seed)
-        pick = torch.randperm(len(self.files), generator=g)[: self.cfg.polarity_images].tolist()
-        ds = ImageFolder(self.image_dir, [self.files[i] for i in pick], eval_transform(m.image_size, m.mean, m.std))
-        items = [it for it in (ds[i] for i in range(len(ds))) if "error" not in it]
-        return torch.stack([it["image"] for it in items])
+        ds = ImageFolder(self.image_dir, self.files, eval_transform(m.image_size, m.mean, m.std), self.max_pixels)
+        images = []
+        for i in torch.randperm(len(self.files), generator=g).tolist():
+            if len(images) == self.cfg.polarity_images:
+                break
+            item = ds[i]
+            if "error" in item:
+                self._report_errors(collate([item]))
+            else:
+                images.append(item["image"])
+        if not images:
+            raise C2AMError(f"{self.image_dir}: none of its {len(self.files)} images could be read (see {self.errors.path})")
+        return torch.stack(images)
 
     @torch.no_grad()
     def _update_polarity(self) -> None:
@@ -257,19 +295,27 @@ class Trainer:
 
     def run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.out_dir, recursive=False)  # left by a run killed while writing a checkpoint
         self._bad: set[int] = set()
+        self.failed = []
+        self.errors.reset()  # this run's failures only (a resumed run meets the same files again)
+        self._trim_log()
+        for rel, reason in self._scan_errors:
+            self._fail(rel, reason)
         m = self.model.config.model
         self._polarity_x = self._polarity_images()
         cached = self.cfg.freeze_backbone and self.cfg.cache_views > 0
         if cached:
             feats, owners, views = self._feature_cache()
         else:
-            ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std))
+            ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std), self.max_pixels)
         steps_per_epoch = len(self.files) // self.cfg.batch_size
         if steps_per_epoch == 0:
             raise C2AMError(f"{self.image_dir}: {len(self.files)} images is fewer than one batch of {self.cfg.batch_size}; lower --batch-size")
         max_step = steps_per_epoch * self.cfg.epochs
-        for epoch in range(self.state["epoch"], self.cfg.epochs):
+        start_epoch = self.state["epoch"]
+        for epoch in range(start_epoch, self.cfg.epochs):
+            torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # augmentation with --workers 0: resumed == uninterrupted
             set_train_mode(self.model, self.cfg)
             sums, n, t0 = {}, 0, time.time()
             if cached:
@@ -291,29 +337,35 @@ class Trainer:
                     with _autocast(self.device, self.cfg.amp):
                         out = self.model(self._images_to_device(batch.images))
                 terms = self._step(out, max_step)
+                pause_for_tests()
                 n += 1
                 for k, v in terms.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"})
             self.state["epoch"] = epoch + 1
             self._update_polarity()
-            self._save_checkpoint()
-            self.model.save(self.out_dir)
             record = {"epoch": epoch + 1, "step": self.state["step"], "seconds": round(time.time() - t0, 2),
                       **{k: round(v / max(n, 1), 5) for k, v in sums.items()},
                       "polarity": m.polarity, "polarity_score": m.polarity_score}
-            self.log.append(record)
+            self.log.append(record)  # before the checkpoint: a resume trims the log back to the checkpoint's epoch
+            self._save_checkpoint()
+            self.model.save(self.out_dir)
             if self.progress:
                 tqdm.write(" ".join(f"{k}={v}" for k, v in record.items()))
         self.errors.close()
         self.log.close()
-        if self.state["epoch"] == 0 or not (self.out_dir / "model.safetensors").exists():
-            self._update_polarity()
+        if self.state["epoch"] == start_epoch:  # nothing left to train (e.g. killed after the last checkpoint)
+            if self.state["epoch"] == 0:
+                self._update_polarity()
             self.model.save(self.out_dir)
         return self.out_dir / "model.safetensors"
 
 
 def train(image_dir, out_dir, model_config: ModelConfig | None = None, train_config: TrainConfig | None = None,
-          device: str = "auto", resume: bool = False, init: str | None = None, progress: bool = True) -> Path:
-    """Train C2AM on a folder of unlabeled images; returns the path of the run's model.safetensors."""
-    return Trainer(image_dir, out_dir, model_config, train_config, device, resume, init, progress).run()
+          device: str = "auto", resume: bool = False, init: str | None = None, progress: bool = True,
+          strict: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Path:
+    """Train C2AM on a folder of unlabeled images; returns the path of the run's model.safetensors.
+
+    Unreadable images are skipped and listed in OUT/errors.jsonl (`strict`: stop at the first instead).
+    """
+    return Trainer(image_dir, out_dir, model_config, train_config, device, resume, init, progress, strict, max_pixels).run()

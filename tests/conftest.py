@@ -1,0 +1,18 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("C2AM_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $C2AM_DATA); real-data tests skip with a reason where it is missing."""
+    if not DATA.is_dir():
+        pytest.skip(f"real-data test: {DATA} is missing (set C2AM_DATA to the shared data folder)")
+    return DATA
