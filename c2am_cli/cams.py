@@ -112,8 +112,9 @@ class ClassifierCAM(nn.Module):
         return f
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
-        """CAMs (N, K, h, w) at feature resolution, one per group of classifier outputs."""
+    def forward(self, x: torch.Tensor, groups: list[list[int]], relu: bool = True) -> torch.Tensor:
+        """CAMs (N, K, h, w) at feature resolution, one per group of classifier outputs (averaged over the locations
+        before the ReLU, a group's CAM is its softmax-weighted logits minus biases)."""
         f = self.features(x)
         logits = self.model.forward_head(f).float()
         w = []
@@ -121,7 +122,8 @@ class ClassifierCAM(nn.Module):
             p = torch.softmax(logits[:, g], dim=1)  # (N, |g|): the d/d(pooled) of logsumexp(logits[g])
             w.append(p @ self.weight[g])  # (N, C)
         w = torch.stack(w, 1)  # (N, K, C)
-        return F.relu(torch.einsum("nkc,nchw->nkhw", w, f.float()))
+        cam = torch.einsum("nkc,nchw->nkhw", w, f.float())
+        return F.relu(cam) if relu else cam
 
     @torch.no_grad()
     def high_res(self, x: torch.Tensor, groups: list[list[int]], size: tuple[int, int], scales=(1.0,),

@@ -5,7 +5,7 @@ import functools
 import sys
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -85,6 +85,8 @@ def train(
     cache_views: int = typer.Option(0, min=0, help="With --freeze-backbone: precompute this many augmented views per image (fast, uses memory)."),
     bn_train: bool = typer.Option(False, "--bn-train", help="Update backbone BatchNorm statistics (the authors' setting; hurts on small data)."),
     output_stride: int = typer.Option(16, help="Ask timm for this output stride where the backbone supports it (0: native)."),
+    local_contrast: bool = typer.Option(False, "--local-contrast", help="Under torchrun: contrast each process's batch only (default: the global batch, gathered from all)."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm, statistics over the global batch."),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
@@ -97,6 +99,7 @@ def train(
     """Train C2AM contrastively on a folder of unlabeled images.
 
     Example: c2am train ./images --backbone resnet50 --backbone-weights timm --epochs 20 --out runs/r50
+    Several GPUs: torchrun --nproc_per_node 4 -m c2am_cli train ./images ...  (--batch-size is per process)
 
     Exit code 0: trained on every image; 3: trained, but some files could not be read (listed in OUT/errors.jsonl).
     """
@@ -106,10 +109,15 @@ def train(
     mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, alpha=alpha, lr=lr, momentum=momentum, weight_decay=weight_decay,
                        freeze_backbone=freeze_backbone, cache_views=cache_views, bn_train=bn_train,
-                       backbone_weights=backbone_weights, seed=seed, num_workers=workers)
+                       backbone_weights=backbone_weights, seed=seed, num_workers=workers,
+                       local_contrast=local_contrast, sync_bn=sync_bn)
     trainer = Trainer(image_dir, out, mcfg, tcfg, device=device, resume=resume, init=init, progress=not quiet,
                       strict=strict, max_pixels=max_pixels)
     path = trainer.run()
+    from .distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports (and pushes) for all
+        return
     typer.echo(f"wrote {path}" + (f" ({len(trainer.failed)} files could not be read: {trainer.errors.path})" if trainer.failed else ""))
     if push_to_hub:
         from .registry import push as run_push
@@ -139,6 +147,8 @@ def localize(
     max_pixels: int = typer.Option(178_956_970, min=1, help="Refuse larger images (decompression bombs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image instead of resuming an earlier run."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model first (a minute or more; then faster: for long runs)."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="CUDA: decode JPEGs on the GPU (nvjpeg) instead of in the workers."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
     """Localise objects: activation maps and class-agnostic boxes for every image of a folder.
@@ -147,14 +157,17 @@ def localize(
 
     Exit code 0: all images done; 3: done, but some files could not be read (listed in OUT.errors.jsonl).
     """
+    from .distributed import is_main
     from .infer import localize as run_localize
 
     summary = run_localize(image_dir, out, weights=weights, maps_dir=maps, map_format=map_format, overlays_dir=overlays,
                            fmt=format, threshold=threshold, all_boxes=all_boxes, scales=_floats(scales), flip=flip,
                            batch_size=batch_size, num_workers=workers, device=device, max_pixels=max_pixels,
-                           overwrite=overwrite, strict=strict, progress=not quiet)
-    typer.echo(f"wrote {summary.out}: {summary.processed} localised, {summary.resumed} from an earlier run, "
-               f"{len(summary.failed)} failed")
+                           compile=compile, gpu_decode=gpu_decode, overwrite=overwrite, strict=strict,
+                           progress=not quiet and is_main())
+    if is_main():  # under torchrun rank 0 reports the merged run
+        typer.echo(f"wrote {summary.out}: {summary.processed} localised, {summary.resumed} from an earlier run, "
+                   f"{len(summary.failed)} failed")
     raise typer.Exit(summary.exit_code)
 
 
@@ -291,7 +304,7 @@ def refine(
     mode: str = typer.Option("c2am", help="Background score: c2am (1 on a background cue, else 0), threshold (a constant), soft ((1 - map)^power)."),
     cue_threshold: Optional[float] = typer.Option(None, help="c2am: map values below this are background cues. Default: stored with the weights (0.3)."),
     bg_threshold: float = typer.Option(0.15, help="threshold mode: the constant background score."),
-    power: float = typer.Option(4.0, help="soft mode: bg_score = (1 - map)^power."),
+    power: float = typer.Option(1.0, help="soft mode: bg_score = (1 - map)^power (1: CCAM's 1 - saliency)."),
     crf: int = typer.Option(0, min=0, help="Refine the cues with a dense CRF of this many iterations (needs c2am[crf]; authors: 10)."),
     labels: Optional[Path] = typer.Option(None, help="Image-level labels, JSON {id: [class names]}: keep only those classes' CAMs (needed for plain arrays)."),
     ids: Optional[Path] = typer.Option(None, help="Only these image ids (a file with one id per line, e.g. ImageSets/Segmentation/train.txt)."),

@@ -30,6 +30,8 @@ class ModelConfig:
     cue_threshold: float = 0.3  # background cue: map below this is background
     scales: tuple[float, ...] = (1.0,)  # default test-time scales
     flip: bool = False  # default test-time horizontal flip
+    edge_radius: float = 0.0  # guided-filter maps at image size, radius as a share of the shorter side (0: off)
+    edge_eps: float = 0.01  # guided-filter regularisation (larger: smoother)
 
 
 @dataclass
@@ -53,6 +55,8 @@ class TrainConfig:
     num_workers: int = 2
     amp: bool = True  # used on CUDA only
     polarity_images: int = 128
+    local_contrast: bool = False  # under torchrun: contrast each rank's batch only, not the global batch
+    sync_bn: bool = False  # under torchrun on CUDA: SyncBatchNorm (statistics over the global batch)
 
 
 @dataclass

@@ -201,7 +201,8 @@ class ModelMaps(MapSource):
         import torch.nn.functional as F
         from torch.utils.data import DataLoader
 
-        from .data import ImageFolder, collate, eval_transform
+        from .data import ImageFolder, collate, eval_transform, load_image
+        from .edges import full_size_map
 
         loc = self.localizer
         mc = loc.model.config.model
@@ -221,9 +222,10 @@ class ModelMaps(MapSource):
                     box = m if m.shape[-2:] == (RESIZE, RESIZE) else F.interpolate(m, size=(RESIZE, RESIZE), mode="bilinear", align_corners=False)
                     box = box[0, 0].clamp(0, 1).cpu().numpy()
                 if need_full:
-                    w, h = sizes[idx]
-                    full = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
-                    full = full.cpu().numpy()
+                    image = None
+                    if mc.edge_radius > 0:
+                        image = load_image(self.image_root / items[idx].image, loc.max_pixels)
+                    full = full_size_map(m[0, 0], sizes[idx], image, mc.edge_radius, mc.edge_eps)
                 yield idx, box, full, None
 
 

@@ -29,11 +29,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise C2AMError(f"{path}: cannot write ({e.strerror or e})") from e
     os.close(fd)
     tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs should be as readable as any other
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that recreate it) make 0600 files
         os.replace(tmp, path)
     except OSError as e:  # disk full, read-only folder, a folder in the way: one clear line, not a traceback
         raise C2AMError(f"{path}: cannot write ({e.strerror or e})") from e
@@ -119,6 +119,12 @@ class JsonLines:
         return records
 
     def append(self, record: dict) -> None:
+        self.extend([record])
+
+    def extend(self, records: list[dict]) -> None:
+        """Append records with one flush and fsync (a kill tears at most the last line, which read() drops)."""
+        if not records:
+            return
         if self._f is None:
             needs_newline = False
             if self.path.exists() and self.path.stat().st_size > 0:
@@ -128,7 +134,7 @@ class JsonLines:
             self._f = open(self.path, "a", encoding="utf-8")
             if needs_newline:
                 self._f.write("\n")
-        self._f.write(dumps(record) + "\n")
+        self._f.write("".join(dumps(record) + "\n" for record in records))
         self._f.flush()
         os.fsync(self._f.fileno())
 

@@ -159,7 +159,8 @@ class C2AM(nn.Module):
         tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                    for k, v in self.state_dict().items()}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", METADATA_KEY: self.config.to_json()})
+            # one metadata key: safetensors writes several in a random order, and saves should be byte-reproducible
+            save_file(tensors, str(tmp), metadata={METADATA_KEY: self.config.to_json()})
         write_text_atomic(path.parent / "config.json", self.config.to_json() + "\n")
         return path
 

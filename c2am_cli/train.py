@@ -2,21 +2,25 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import C2AMConfig, ModelConfig, TrainConfig
 from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
 from .errors import C2AMError, ImageError
 from .io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
 from .loss import ContrastiveLoss
-from .model import C2AM
+from .model import C2AM, C2AMOutput
 
 CHECKPOINT = "checkpoint.safetensors"  # model + optimizer + progress, for --resume
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -78,6 +82,18 @@ def decide_polarity(raw_maps: torch.Tensor, border: float = 0.1) -> tuple[int, f
     return (-1 if score > 0 else 1), score
 
 
+class TrainView(nn.Module):
+    """What DistributedDataParallel wraps: images (or cached backbone features) to (fg, bg, map) as a plain tuple."""
+
+    def __init__(self, model: C2AM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model.forward_features(x) if features else self.model(x)
+        return out.fg, out.bg, out.map
+
+
 def _autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and enabled:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -94,8 +110,8 @@ class Trainer:
         self.image_dir, self.out_dir = Path(image_dir), Path(out_dir)
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise C2AMError(f"--out {self.out_dir}: is a file; give a run folder")
-        self.device = resolve_device(device)
-        self.progress, self.strict, self.max_pixels = progress, strict, max_pixels
+        self.device = distributed.init(resolve_device(device))  # under torchrun: join the group, take GPU LOCAL_RANK
+        self.progress, self.strict, self.max_pixels = progress and distributed.is_main(), strict, max_pixels
         self._scan_errors: list[tuple[str, str]] = []
         self.files = scan_images(self.image_dir, self._scan_errors)
         self.failed: list[dict] = []  # {"path", "reason"} of the images this run could not read
@@ -106,7 +122,7 @@ class Trainer:
             if train_config is not None:  # a resumed run may only be extended
                 self.model.config.train.epochs = max(self.model.config.train.epochs, train_config.epochs)
         else:
-            if resume:
+            if resume and distributed.is_main():
                 tqdm.write(f"no checkpoint in {self.out_dir}: starting a new run")
             torch.manual_seed((train_config or TrainConfig()).seed)  # the head's initial weights
             self.model = self._build(model_config or ModelConfig(), train_config or TrainConfig(), init)
@@ -117,10 +133,20 @@ class Trainer:
         self.model.to(self.device)
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
+        self.world = distributed.world_size()
+        if self.cfg.sync_bn and self.world > 1:
+            if self.device.type != "cuda":
+                raise C2AMError("--sync-bn: torch's SyncBatchNorm runs on GPUs only")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.loss_fn = ContrastiveLoss(self.cfg.alpha)
         self.optimizer = torch.optim.SGD(parameter_groups(self.model, self.cfg), lr=self.cfg.lr, momentum=self.cfg.momentum)
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
+        self.view = TrainView(self.model)
+        if self.world > 1:
+            self._check_ranks_agree()
+            self.model.config.data["processes"] = self.world
+            self.view = DistributedDataParallel(self.view, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.errors = JsonLines(self.out_dir / "errors.jsonl")
         self.log = JsonLines(self.out_dir / "log.jsonl")
 
@@ -180,8 +206,22 @@ class Trainer:
                     st[name] = tensors[key]
         opt["state"] = {int(k): v for k, v in opt["state"].items()}
         self.state = {"epoch": meta["epoch"], "step": meta["step"]}
-        tqdm.write(f"resuming {self.out_dir} after epoch {meta['epoch']}")
+        if distributed.is_main():
+            tqdm.write(f"resuming {self.out_dir} after epoch {meta['epoch']}")
         return model, opt
+
+    def _check_ranks_agree(self) -> None:
+        """torchrun: every rank must see the same images and the same checkpoint (storage shared by all nodes)."""
+        import hashlib
+
+        mine = (hashlib.sha256("\n".join(self.files).encode()).hexdigest(), len(self.files), self.state)
+        for r, theirs in enumerate(distributed.gather_objects(mine)):
+            if theirs[:2] != mine[:2]:
+                raise C2AMError(f"{self.image_dir}: rank {r} sees {theirs[1]} images, rank {distributed.rank()} sees "
+                                f"{mine[1]} (or other names); every node needs the same folder")
+            if theirs[2] != mine[2]:
+                raise C2AMError(f"{self.out_dir}: rank {r} resumes after epoch {theirs[2]['epoch']}, rank "
+                                f"{distributed.rank()} after {mine[2]['epoch']}; put --out on storage every node shares")
 
     def _save_checkpoint(self) -> None:
         from safetensors.torch import save_file
@@ -209,9 +249,18 @@ class Trainer:
                           num_workers=self.cfg.num_workers, collate_fn=collate_fn, generator=g,
                           pin_memory=self.device.type == "cuda", persistent_workers=False)
 
+    def _sharded_loader(self, dataset, epoch: int, collate_fn=collate, num_workers: int | None = None) -> DataLoader:
+        """torchrun: this rank's batches; the whole set is shuffled each epoch (seed, epoch) and dealt out to the ranks."""
+        sampler = DistributedSampler(dataset, shuffle=True, seed=self.cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                          num_workers=self.cfg.num_workers if num_workers is None else num_workers,
+                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+
     def _fail(self, rel: str, reason: str) -> None:
         """One bad input: a record in errors.jsonl and a warning line; with strict, the end of the run."""
-        self.errors.append({"path": rel, "reason": reason})
+        if distributed.is_main():  # other ranks' failures reach errors.jsonl through _merge_failures
+            self.errors.append({"path": rel, "reason": reason})
         self.failed.append({"path": rel, "reason": reason})
         if self.strict:
             raise ImageError(self.image_dir / rel, reason)
@@ -222,6 +271,19 @@ class Trainer:
             if idx not in self._bad:
                 self._bad.add(idx)
                 self._fail(self.files[idx], reason)
+
+    def _merge_failures(self) -> None:
+        """torchrun: rank 0 records the unreadable images that the other ranks met (each path once)."""
+        if self.world == 1:
+            return
+        found = distributed.gather_objects(self.failed)
+        if distributed.is_main():
+            known = {f["path"] for f in self.failed}
+            for rec in (rec for part in found[1:] for rec in part):
+                if rec["path"] not in known:
+                    known.add(rec["path"])
+                    self.failed.append(rec)
+                    self.errors.append(rec)
 
     def _trim_log(self) -> None:
         """Keep the log records up to the checkpoint's epoch: a resumed run writes the later ones again."""
@@ -270,20 +332,36 @@ class Trainer:
 
     @torch.no_grad()
     def _update_polarity(self) -> None:
-        self.model.eval()
-        maps = []
-        for chunk in self._polarity_x.split(self.cfg.batch_size):
-            with _autocast(self.device, self.cfg.amp):
-                maps.append(self.model(self._images_to_device(chunk)).map.float().cpu())
-        polarity, score = decide_polarity(torch.cat(maps))
+        decided = None
+        if distributed.is_main():  # under torchrun rank 0 decides (its BatchNorm statistics are the ones saved)
+            self.model.eval()
+            maps = []
+            for chunk in self._polarity_x.split(self.cfg.batch_size):
+                with _autocast(self.device, self.cfg.amp):
+                    maps.append(self.model(self._images_to_device(chunk)).map.float().cpu())
+            decided = decide_polarity(torch.cat(maps))
+        polarity, score = distributed.broadcast_object(decided)
         self.model.config.model.polarity, self.model.config.model.polarity_score = polarity, round(score, 4)
 
     # -- loop ----------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, features: bool = False) -> C2AMOutput:
+        """The model's training view, through DistributedDataParallel under torchrun."""
+        return C2AMOutput(*self.view(x, features=features))
+
+    def _contrast(self, out: C2AMOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings the loss contrasts: the global batch's, gathered from every rank, unless local_contrast."""
+        if self.cfg.local_contrast:
+            return out.fg, out.bg
+        return distributed.gather_with_grad(out.fg), distributed.gather_with_grad(out.bg)
+
     def _step(self, out, max_step: int) -> dict[str, float]:
-        terms = self.loss_fn(out.fg, out.bg)
+        terms = self.loss_fn(*self._contrast(out))
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise C2AMError(f"training stopped: the loss is {loss.item()} at step {self.state['step']} "
+        value = loss.item()
+        if self.cfg.local_contrast:  # each rank has its own loss: all stop if one is not finite
+            value = distributed.all_ranks_mean({"loss": value}, self.device)["loss"]
+        if not math.isfinite(value):
+            raise C2AMError(f"training stopped: the loss is {value} at step {self.state['step']} "
                             f"(epoch {self.state['epoch'] + 1}); lower --lr or check the images")
         for g in self.optimizer.param_groups:
             g["lr"] = poly_lr(self.cfg.lr, self.state["step"], max_step, self.cfg.poly_power) * g["lr_mult"]
@@ -295,11 +373,14 @@ class Trainer:
 
     def run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.out_dir, recursive=False)  # left by a run killed while writing a checkpoint
+        main = distributed.is_main()  # under torchrun only rank 0 writes to the run folder
+        if main:
+            remove_stale_temps(self.out_dir, recursive=False)  # left by a run killed while writing a checkpoint
         self._bad: set[int] = set()
         self.failed = []
-        self.errors.reset()  # this run's failures only (a resumed run meets the same files again)
-        self._trim_log()
+        if main:
+            self.errors.reset()  # this run's failures only (a resumed run meets the same files again)
+            self._trim_log()
         for rel, reason in self._scan_errors:
             self._fail(rel, reason)
         m = self.model.config.model
@@ -309,33 +390,37 @@ class Trainer:
             feats, owners, views = self._feature_cache()
         else:
             ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std), self.max_pixels)
-        steps_per_epoch = len(self.files) // self.cfg.batch_size
+        steps_per_epoch = len(self.files) // self.world // self.cfg.batch_size  # batch_size is per process
         if steps_per_epoch == 0:
-            raise C2AMError(f"{self.image_dir}: {len(self.files)} images is fewer than one batch of {self.cfg.batch_size}; lower --batch-size")
+            per = f" per process x {self.world} processes" if self.world > 1 else ""
+            raise C2AMError(f"{self.image_dir}: {len(self.files)} images is fewer than one batch of {self.cfg.batch_size}{per}; lower --batch-size")
         max_step = steps_per_epoch * self.cfg.epochs
         start_epoch = self.state["epoch"]
         for epoch in range(start_epoch, self.cfg.epochs):
-            torch.manual_seed(self.cfg.seed * 100_003 + epoch)  # augmentation with --workers 0: resumed == uninterrupted
+            torch.manual_seed(self.cfg.seed * 100_003 + epoch + 7919 * distributed.rank())  # augmentation with --workers 0: resumed == uninterrupted
             set_train_mode(self.model, self.cfg)
             sums, n, t0 = {}, 0, time.time()
             if cached:
                 g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
                 chosen = torch.randint(self.cfg.cache_views, (len(self.files),), generator=g)
                 rows = torch.nonzero(views == chosen[owners]).squeeze(1)  # one cached view per image this epoch
-                batches = DataLoader(TensorDataset(rows), batch_size=self.cfg.batch_size, shuffle=True, drop_last=True, generator=g)
+                if self.world > 1:
+                    batches = self._sharded_loader(TensorDataset(rows), epoch, collate_fn=None, num_workers=0)
+                else:
+                    batches = DataLoader(TensorDataset(rows), batch_size=self.cfg.batch_size, shuffle=True, drop_last=True, generator=g)
             else:
-                batches = self._loader(ds, epoch)
+                batches = self._loader(ds, epoch) if self.world == 1 else self._sharded_loader(ds, epoch)
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress, leave=False)
             for batch in bar:
                 if cached:
                     with _autocast(self.device, self.cfg.amp):
-                        out = self.model.forward_features(feats[batch[0]].to(self.device).float())
+                        out = self._forward(feats[batch[0]].to(self.device).float(), features=True)
                 else:
                     self._report_errors(batch)
-                    if len(batch) < 2:
+                    if distributed.all_ranks_min(len(batch), self.device) < 2:  # under torchrun all ranks skip together
                         continue
                     with _autocast(self.device, self.cfg.amp):
-                        out = self.model(self._images_to_device(batch.images))
+                        out = self._forward(self._images_to_device(batch.images))
                 terms = self._step(out, max_step)
                 pause_for_tests()
                 n += 1
@@ -343,10 +428,15 @@ class Trainer:
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items() if k != "loss"})
             self.state["epoch"] = epoch + 1
+            self._merge_failures()
             self._update_polarity()
+            if self.cfg.local_contrast:
+                sums = distributed.all_ranks_mean(sums, self.device)  # the mean over ranks of each rank's loss
             record = {"epoch": epoch + 1, "step": self.state["step"], "seconds": round(time.time() - t0, 2),
                       **{k: round(v / max(n, 1), 5) for k, v in sums.items()},
                       "polarity": m.polarity, "polarity_score": m.polarity_score}
+            if not main:
+                continue
             self.log.append(record)  # before the checkpoint: a resume trims the log back to the checkpoint's epoch
             self._save_checkpoint()
             self.model.save(self.out_dir)
@@ -357,7 +447,9 @@ class Trainer:
         if self.state["epoch"] == start_epoch:  # nothing left to train (e.g. killed after the last checkpoint)
             if self.state["epoch"] == 0:
                 self._update_polarity()
-            self.model.save(self.out_dir)
+            if main:
+                self.model.save(self.out_dir)
+        distributed.barrier()  # every rank returns once rank 0 has written the model
         return self.out_dir / "model.safetensors"
 
 
