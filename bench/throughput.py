@@ -89,8 +89,9 @@ def build_model(backbone: str, image_size: int, weights: str | None) -> tuple[C2
 
 
 def localizer_options(args) -> dict:
-    """Options of the issue-7 pipeline, passed only where asked so that the script also runs on older versions."""
-    opts = {}
+    """Options of the issue-7 pipeline, passed only where asked so that the script also runs on older versions;
+    one forward per image (scale 1, no flip) unless --tta keeps the test-time scales and flip stored with the weights."""
+    opts = {} if args.tta else {"scales": (1.0,), "flip": False}
     if args.compile:
         opts["compile"] = True
     if args.gpu_decode:
@@ -155,8 +156,17 @@ def cycle(batches: list[torch.Tensor], n: int):
 
 
 # -- (a) bare forward ---------------------------------------------------------------------
+def views(x: torch.Tensor, scales, flip: bool):
+    """The test-time views activation_maps runs: each scale, and its mirror image with flip."""
+    for s in scales:
+        v = x if s == 1 else torch.nn.functional.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        yield v
+        if flip:
+            yield v.flip(-1)
+
+
 @torch.inference_mode()
-def backbone_rate(model: C2AM, batches, n: int, device: torch.device, fmt) -> dict:
+def backbone_rate(model: C2AM, batches, n: int, device: torch.device, fmt, scales=(1.0,), flip: bool = False) -> dict:
     body = model.backbone
     weight = next(p for p in body.parameters() if p.ndim == 4)
     own = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -166,7 +176,8 @@ def backbone_rate(model: C2AM, batches, n: int, device: torch.device, fmt) -> di
         with Clock(device) as clock:
             for x in cycle(batches, n):
                 with _autocast(device, True):
-                    body(x.contiguous(memory_format=fmt))
+                    for v in views(x, scales, flip):
+                        body(v.contiguous(memory_format=fmt))
                 count += len(x)
     finally:
         body.to(memory_format=own)
@@ -358,6 +369,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="Localizer(compile=True): torch.compile the model.")
     ap.add_argument("--gpu-decode", action="store_true", help="Localizer(gpu_decode=True): nvjpeg on CUDA.")
     ap.add_argument("--maps", action="store_true", help="(b) also writes a .npy map per image.")
+    ap.add_argument("--tta", action="store_true", help="Keep the weights' test-time scales and flip ((a) runs the same "
+                                                       "views); default: one forward per image.")
     ap.add_argument("--rounds", type=int, default=2, help="Alternating (a), (b), (c) rounds; ratios are medians.")
     ap.add_argument("--train-steps", type=int, default=3, help="Timed steps of each kind in (d).")
     ap.add_argument("--train-batch", type=int, default=16, help="Batch size of the (d) steps.")
@@ -414,7 +427,7 @@ def main(argv=None) -> None:
 
     rounds = []
     for r in range(args.rounds):
-        row = {"a": backbone_rate(loc.model, pool, args.images, device, formats[a_format]),
+        row = {"a": backbone_rate(loc.model, pool, args.images, device, formats[a_format], loc.scales, loc.flip),
                "b": localize_rate(loc, root, out, args.images, maps)}
         if gradcam:
             row["c"] = gradcam.rate(pool, args.gradcam_images, device)
@@ -438,6 +451,8 @@ def main(argv=None) -> None:
     threads = torch.get_num_threads()
     print(f"\nc2am throughput: {args.backbone} ({source}) at {args.image_size}, batch {args.batch_size}, "
           f"{args.images} images ({args.source_size[0]}x{args.source_size[1]} JPEG, {args.distinct} distinct)")
+    print(f"test-time scales {list(loc.scales)}, flip {loc.flip}; maps and boxes at {args.image_size}"
+          + (" (+ .npy maps at image size)" if maps else ""))
     print(f"device {device} ({threads} torch threads, {os.cpu_count()} CPUs), workers {args.workers}, "
           f"{args.rounds} rounds (medians), options {localizer_options(args) or 'default'}; a shared machine")
     cols = "".join(f"{'img/s' if c == 'wall' else 'img/CPU-s':>11}" for c in clocks)

@@ -5,7 +5,8 @@ from .config import C2AMConfig, ModelConfig, TrainConfig  # noqa: E402
 from .errors import C2AMError, ImageError  # noqa: E402
 from .infer import Localizer, LocalizeSummary, localize  # noqa: E402
 from .model import C2AM  # noqa: E402
+from .refine import Refiner, refine  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ = ["C2AM", "C2AMConfig", "ModelConfig", "TrainConfig", "C2AMError", "ImageError", "Localizer",
-           "LocalizeSummary", "localize", "train", "__version__"]
+           "LocalizeSummary", "localize", "train", "Refiner", "refine", "__version__"]

