@@ -77,10 +77,10 @@ def write_images(folder: Path, n: int, distinct: int, size: tuple[int, int], see
 
 # -- model ----------------------------------------------------------------------------------
 def build_model(backbone: str, image_size: int, weights: str | None) -> tuple[C2AM, str]:
-    """The given weights; else weights/default/model.safetensors if it has this backbone; else an untrained C2AM
-    (the timing is the same: nothing data-dependent runs in the forward)."""
-    path = Path(weights) if weights else DEFAULT_WEIGHTS
-    if weights or (path.exists() and read_config(path).model.backbone == backbone):
+    """The given weights; else weights/default/model.safetensors if it has this backbone; else (or with weights
+    'untrained') an untrained C2AM: the timing is the same, nothing data-dependent runs in the forward."""
+    path = Path(weights) if weights and weights != "untrained" else DEFAULT_WEIGHTS
+    if weights != "untrained" and (weights or (path.exists() and read_config(path).model.backbone == backbone)):
         model = C2AM.from_pretrained(str(path))
         model.config.model.image_size = image_size
         return model, str(path)
@@ -233,12 +233,13 @@ class GradCamEigen:
         return rates(count, clock)
 
     def warm_up(self, batch: torch.Tensor, device: torch.device) -> None:
-        """A few images with numpy's default BLAS threads and with a single thread; keep the faster (by CPU time)."""
+        """A few images with numpy's default BLAS threads and with a single thread; keep the faster (images/s): a
+        busy machine makes OpenBLAS's spinning threads very slow, an idle one rewards them."""
         speeds = {}
         for threads in (None, 1):
             self.blas_threads = threads
             self.rate([batch[:2]], 2, device)  # first call of each setting: allocations, thread pools
-            speeds[threads] = self.rate([batch[:4]], 4, device)["cpu"]
+            speeds[threads] = self.rate([batch[:4]], 4, device)["wall"]
         self.blas_threads = max(speeds, key=speeds.get)
 
 
@@ -292,6 +293,14 @@ def peak_rss_mib(pid: int | str = "self") -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if pid == "self" else 0.0
 
 
+def reset_peak_rss() -> None:
+    """Start VmHWM afresh (Linux: 5 > /proc/self/clear_refs), so that each phase's peak is its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 class WorkerPeak(threading.Thread):
     """Polls the peak RSS of this process's children (the DataLoader workers) while they live."""
 
@@ -330,8 +339,9 @@ def rss_runs(tmp: Path, args) -> dict[int, dict]:
     for n in args.rss_images:
         folder = write_images(tmp / f"rss_{n}", n, args.distinct, args.rss_source_size, seed=1)
         cmd = [sys.executable, __file__, "--rss-child", str(folder), "--backbone", args.backbone, "--batch-size",
-               str(args.batch_size), "--workers", str(args.workers), "--device", args.device,
-               "--rss-image-size", str(args.rss_image_size)]
+               str(args.batch_size), "--device", args.device, "--rss-image-size", str(args.rss_image_size)]
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
         if args.weights:
             cmd += ["--weights", args.weights]
         for flag in ("compile", "gpu_decode"):
@@ -353,7 +363,7 @@ def rss_runs(tmp: Path, args) -> dict[int, dict]:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--weights", default=None, help="C2AM weights (default: weights/default if it has this backbone, "
+    ap.add_argument("--weights", default=None, help="C2AM weights, or 'untrained' (default: weights/default if it has this backbone, "
                                                     "else an untrained model).")
     ap.add_argument("--images", type=int, default=256, help="Images per (a)/(b) measurement.")
     ap.add_argument("--pool", type=int, default=256, help="Pre-decoded images held for (a) and (c), cycled.")
@@ -364,7 +374,7 @@ def parse_args(argv=None):
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--source-size", default="500x375", help="WxH of the synthetic JPEGs (ImageNet-like by default).")
     ap.add_argument("--distinct", type=int, default=64, help="Distinct images behind the hard-linked names.")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the library's choice).")
     ap.add_argument("--prefetch", type=int, default=None, help="DataLoader prefetch_factor (default: the library's).")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
@@ -374,7 +384,7 @@ def parse_args(argv=None):
     ap.add_argument("--tta", action="store_true", help="Keep the weights' test-time scales and flip ((a) runs the same "
                                                        "views); default: one forward per image.")
     ap.add_argument("--rounds", type=int, default=2, help="Alternating (a), (b), (c) rounds; ratios are medians.")
-    ap.add_argument("--train-steps", type=int, default=3, help="Timed steps of each kind in (d).")
+    ap.add_argument("--train-steps", type=int, default=6, help="Timed steps of each kind in (d), alternating.")
     ap.add_argument("--train-batch", type=int, default=16, help="Batch size of the (d) steps.")
     ap.add_argument("--gradcam-layer", default=None, help="EigenCAM target layer (default: the last conv layer).")
     ap.add_argument("--rss-images", type=lambda s: [int(v) for v in s.split(",") if v], default=[1000, 10000])
@@ -403,7 +413,7 @@ def main(argv=None) -> None:
     if args.rss_child:
         return rss_child(args)
     tmp = Path(tempfile.mkdtemp(prefix="c2am-throughput-"))
-    say = lambda msg: print(f"  ... {msg} [peak RSS so far {peak_rss_mib():.0f} MiB]", file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True)  # noqa: E731
     root = write_images(tmp / "images", args.images, args.distinct, args.source_size)
     files = scan_images(root)
     model, source = build_model(args.backbone, args.image_size, args.weights)
@@ -429,29 +439,35 @@ def main(argv=None) -> None:
 
     n0 = min(args.head_images, args.images // 2)  # (b) streaming: the rate past a run's fixed costs
     head = write_images(tmp / "images_head", n0, args.distinct, args.source_size)  # the first n0 images of `root`
-    rounds = []
+    rounds, peaks = [], {"a, b": 0.0, "c": 0.0, "d": 0.0}
     for r in range(args.rounds):
-        row = {"a": backbone_rate(loc.model, pool, args.images, device, formats[a_format], loc.scales, loc.flip),
-               "b_head": localize_rate(loc, head, out, n0, maps),
-               "b": localize_rate(loc, root, out, args.images, maps)}
+        reset_peak_rss()
+        bare = lambda: backbone_rate(loc.model, pool, args.images, device, formats[a_format], loc.scales, loc.flip)  # noqa: E731
+        before = bare()
+        row = {"b_head": localize_rate(loc, head, out, n0, maps), "b": localize_rate(loc, root, out, args.images, maps)}
+        after = bare()  # (a) brackets (b): the mean of the two is what the machine gave just before and after
+        row = {"a": {c: (before[c] + after[c]) / 2 for c in before}, **row}
         row["b_stream"] = {c: (args.images - n0) / (args.images / row["b"][c] - n0 / row["b_head"][c]) for c in row["b"]}
+        peaks["a, b"] = max(peaks["a, b"], peak_rss_mib())
         if gradcam:
+            reset_peak_rss()
             row["c"] = gradcam.rate(pool, args.gradcam_images, device)
+            peaks["c"] = max(peaks["c"], peak_rss_mib())
         rounds.append(row)
         say(f"round {r + 1}: " + ", ".join(f"{k} {v['wall']:.1f} img/s ({v['cpu']:.1f} per CPU-s)" for k, v in row.items()))
     clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
     med = {k: {c: statistics.median(x[k][c] for x in rounds) for c in clocks} for k in rounds[0]}
     ratio = {f"{p}/{q}": {c: statistics.median(x[p][c] / x[q][c] for x in rounds) for c in clocks}
              for p, q in (("b_stream", "a"), ("b", "a"), ("b_stream", "c")) if q in rounds[0]}
-    peak_ab = peak_rss_mib()
 
     if "train" not in args.skip:
+        reset_peak_rss()
         tc = predecode(root, files[: args.train_batch], loc.model, args.train_batch, torch.device("cpu"))[0]
         c2am_rate, bare_rate = train_rates(root, tmp / "train", args, device, tc, args.train_steps)
         med["d_c2am"], med["d_bare"] = c2am_rate, bare_rate
         ratio["d"] = {c: c2am_rate[c] / bare_rate[c] for c in clocks}
         say(f"train steps: c2am {c2am_rate['wall']:.2f}, bare {bare_rate['wall']:.2f} img/s")
-    peak = peak_rss_mib()
+        peaks["d"] = peak_rss_mib()
     rss = rss_runs(tmp, args) if "rss" not in args.skip else {}
 
     threads = torch.get_num_threads()
@@ -459,11 +475,11 @@ def main(argv=None) -> None:
           f"{args.images} images ({args.source_size[0]}x{args.source_size[1]} JPEG, {args.distinct} distinct)")
     print(f"test-time scales {list(loc.scales)}, flip {loc.flip}; maps and boxes at {args.image_size}"
           + (" (+ .npy maps at image size)" if maps else ""))
-    print(f"device {device} ({threads} torch threads, {os.cpu_count()} CPUs), workers {args.workers}, "
+    print(f"device {device} ({threads} torch threads, {os.cpu_count()} CPUs), workers {loc.num_workers}, "
           f"{args.rounds} rounds (medians), options {localizer_options(args) or 'default'}; a shared machine")
     cols = "".join(f"{'img/s' if c == 'wall' else 'img/CPU-s':>11}" for c in clocks)
     rcols = "".join(f"{'wall' if c == 'wall' else 'CPU':>8}" for c in clocks)
-    print(f"  {'measure':48}{cols}   {'ratio':<6}{rcols}   target")
+    print(f"  {'measure':56}{cols}   {'ratio':<6}{rcols}   target")
 
     def line(label, key, rkey=None, target=None):
         vals = "".join(f"{med[key][c]:11.2f}" for c in clocks)
@@ -471,19 +487,20 @@ def main(argv=None) -> None:
         if rkey:
             tail = f"   {rkey.replace('b_stream', 'b'):<6}" + "".join(f"{ratio[rkey][c]:8.3f}" for c in clocks)
             tail += f"   >= {target} " + "/".join(verdict(ratio[rkey][c], target) for c in clocks)
-        print(f"  {label:48}{vals}{tail}")
+        print(f"  {label:56}{vals}{tail}")
 
     line(f"(a) bare backbone forward ({a_format})", "a")
     line("(b) c2am localize end to end" + (" + .npy maps" if maps else "") + ", streaming", "b_stream", "b_stream/a", 0.9)
-    line(f"    the same, whole runs of {args.images} (startup, fill, drain)", "b", "b/a", 0.9)
+    line(f"    (b) whole runs of {args.images} images (with startup)", "b", "b/a", 0.9)
     if gradcam:
         line(f"(c) grad-cam EigenCAM ({gradcam.layer}; BLAS {gradcam.blas_threads or 'default'} thr)", "c")
-        print(f"  {'':48}{'':{11 * len(clocks)}}   {'b/c':<6}" + "".join(f"{ratio['b_stream/c'][c]:8.2f}" for c in clocks)
+        print(f"  {'':56}{'':{11 * len(clocks)}}   {'b/c':<6}" + "".join(f"{ratio['b_stream/c'][c]:8.2f}" for c in clocks)
               + "   >= 5 " + "/".join(verdict(ratio["b_stream/c"][c], 5) for c in clocks))
     if "d" in ratio:
         line(f"(d) C2AM training step (batch {args.train_batch})", "d_c2am", "d", 0.85)
         line("    bare forward+backward+SGD step", "d_bare")
-    print(f"  peak RSS of this process: {peak_ab:.0f} MiB after (a)-(c), {peak:.0f} MiB after (d)")
+    print("  peak RSS of this process, per phase: " + ", ".join(f"({k}) {v:.0f} MiB" for k, v in peaks.items() if v)
+          + " (whatever the process held before included: the pre-decoded pool, the grad-cam model)")
     if rss:
         first = rss[min(rss)]
         for n, r in sorted(rss.items()):
@@ -496,7 +513,7 @@ def main(argv=None) -> None:
         Path(args.json).write_text(json.dumps({"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
                                                "device": str(device), "threads": threads, "a_format": a_format,
                                                "rounds": rounds, "medians": med, "ratios": ratio,
-                                               "peak_rss_mib": {"a-c": peak_ab, "d": peak}, "rss": rss}, indent=2))
+                                               "peak_rss_mib": peaks, "rss": rss}, indent=2))
 
 
 if __name__ == "__main__":

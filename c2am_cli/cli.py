@@ -142,7 +142,7 @@ def localize(
     scales: Optional[str] = typer.Option(None, help="Test-time scales, e.g. '0.5,1,1.5'. Default: stored with the weights."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Average with the horizontally flipped image."),
     batch_size: int = typer.Option(32, min=1),
-    workers: int = typer.Option(2, min=0, help="DataLoader worker processes (decode and resize)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader worker processes (decode and resize). Default: none on a CPU of up to 4 cores, where the model uses them all; 2 on bigger CPUs; min(8, cores/2) with a GPU."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     max_pixels: int = typer.Option(178_956_970, min=1, help="Refuse larger images (decompression bombs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo every image instead of resuming an earlier run."),

@@ -94,6 +94,25 @@ def to_coco(records: list[dict]) -> dict:
     return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
 
 
+def default_workers(device: torch.device) -> int:
+    """DataLoader workers when none are asked for. A CPU forward already uses every core, and on a few cores worker
+    processes only contend with it (measured on 2 cores: b/a 0.97 with none, 0.88 with 2): decode in-process there.
+    A GPU is fed by min(8, cores / 2) workers."""
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":
+        return 0 if cores <= 4 else 2
+    return min(8, max(2, cores // 2))
+
+
+def _yield_to_model(worker_id: int) -> None:
+    """DataLoader workers beside a CPU forward: nice 10, so that decoding fills idle moments instead of preempting the
+    model's threads (a preempted OpenMP thread stalls the whole team); on GPUs the workers keep their priority."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
 class InOrder:
     """Per-image work (boxes, map files, overlays) on a thread pool, so that the next forward never waits for it;
     results come back in submission order, with at most `limit` in flight (memory stays flat)."""
@@ -128,7 +147,7 @@ class Localizer:
     """
 
     def __init__(self, weights=None, device: str = "auto", threshold: float | None = None, all_boxes: bool = False,
-                 scales=None, flip: bool | None = None, batch_size: int = 32, num_workers: int = 2,
+                 scales=None, flip: bool | None = None, batch_size: int = 32, num_workers: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch_factor: int = 4, compile: bool | dict = False,
                  gpu_decode: bool = False):
         self.device = distributed.init(resolve_device(device))  # under torchrun: join the group, take GPU LOCAL_RANK
@@ -153,7 +172,8 @@ class Localizer:
         if any(s <= 0 for s in self.scales):
             raise C2AMError(f"--scales {self.scales}: scales must be positive")
         self.flip = mc.flip if flip is None else flip
-        self.batch_size, self.num_workers, self.max_pixels = batch_size, num_workers, max_pixels
+        self.num_workers = default_workers(self.device) if num_workers is None else num_workers
+        self.batch_size, self.max_pixels = batch_size, max_pixels
         self.weights_name = str(weights) if not isinstance(weights, C2AM) else "<in-memory model>"
 
     def settings(self) -> dict:
@@ -266,7 +286,8 @@ class Localizer:
             ds = SquashedImages(image_dir, todo, self.model.config.model.image_size, self.max_pixels, self.gpu_decode)
             loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                                 collate_fn=collate, pin_memory=self.device.type == "cuda",
-                                prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None)
+                                prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+                                worker_init_fn=_yield_to_model if self.device.type == "cpu" else None)
             work = InOrder(threads=min(4, os.cpu_count() or 1), limit=4 * self.batch_size)
             previous = None  # the last batch's maps, on their way to the host while the next batch runs
 
