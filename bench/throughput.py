@@ -1,19 +1,22 @@
 """Throughput benchmark (issue 7): `c2am localize` end to end against the bare backbone forward and grad-cam's EigenCAM,
 a C2AM training step against a bare forward+backward+SGD step, and peak RSS of streaming runs of 1,000 and 10,000 images.
 
-Usage (a few minutes on a 2-core CPU; every number of one run comes from the same images and the same model):
-    python bench/throughput.py --backbone tf_efficientnet_lite0 --images 192
-    python bench/throughput.py --backbone resnet50 --images 512 --rounds 3 --device cuda --gpu-decode   # bigger runs
+Usage (1.5 to 3.5 minutes on a 2-core CPU; every number of one run comes from the same images and the same model):
+    python bench/throughput.py --backbone tf_efficientnet_lite0 --images 256
+    python bench/throughput.py --backbone resnet50 --images 2048 --rounds 3 --device cuda --gpu-decode   # bigger runs
 
-(a) bare backbone forward on pre-decoded, pre-resized, normalised tensors already on the device (the limit);
-(b) Localizer.run end to end: scan, decode, resize, forward, activation map, boxes, manifest, boxes.json;
+(a) bare backbone forward on pre-decoded, pre-resized, normalised tensors already on the device (the limit), in the
+    faster memory format, over the same test-time views as (b) (one forward per image unless --tta);
+(b) Localizer.run end to end: scan, decode, resize, forward, activation map, boxes, manifest, boxes.json; reported
+    for whole runs and as the streaming rate past a run's fixed costs ((N - n0) / (t(N) - t(n0)), n0 = --head-images);
 (c) grad-cam's EigenCAM (`pip install c2am[bench]`) as its README shows, on timm's classifier of the same backbone
-    (the C2AM backbone's weights where names match), target layer its last feature stage, batches of the same
+    (the C2AM backbone's weights where names match), target layer its last conv layer, batches of the same
     pre-decoded tensors: no decoding, boxes or writing, so b/c is generous to grad-cam;
 (d) the library's C2AM training step (Trainer._step: head, embeddings, contrastive loss, 4 parameter groups) against
-    the same backbone's forward + mean() + backward + SGD step.
-(a), (b), (c) are measured in alternating rounds and each ratio is the median of its per-round ratios, and (d)
-alternates the two steps, so that load from other processes on a shared machine hits both sides of a ratio alike.
+    the same backbone's forward + mean() + backward + SGD step, alternating step by step.
+(a) is timed just before and just after each (b) and each ratio is the median of its per-round ratios; CPU time
+(this process's threads and its reaped workers) is reported beside wall time: on a shared machine the wall time of one
+measurement depends on what else runs, its CPU time much less.
 The RSS runs are subprocesses localising 1,000 and 10,000 names (hard links to a few distinct small JPEGs) at
 --rss-image-size; memory must not grow with the number of images.
 Targets: b/a >= 0.9 (batch 32, 224, tf_efficientnet_lite0 and resnet50), b/c >= 5, d >= 0.85, RSS(10k) within 10%
@@ -26,6 +29,7 @@ import copy
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -413,6 +417,13 @@ def main(argv=None) -> None:
     if args.rss_child:
         return rss_child(args)
     tmp = Path(tempfile.mkdtemp(prefix="c2am-throughput-"))
+    try:
+        run(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, tmp: Path) -> None:
     say = lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True)  # noqa: E731
     root = write_images(tmp / "images", args.images, args.distinct, args.source_size)
     files = scan_images(root)

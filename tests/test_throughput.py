@@ -3,7 +3,6 @@ eval_transform, boxes do not depend on workers or on where JPEGs are decoded, an
 manifest in order and after the files. Tiny random test_resnet models at 64 px."""
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from c2am_cli import C2AM, ModelConfig
@@ -66,7 +65,6 @@ def test_apply_orientation_is_pillows_exif_transpose():
     for tag in range(1, 9):
         img = Image.fromarray(a)
         img.getexif()[0x0112] = tag
-        from PIL import ImageOps
         expected = np.asarray(ImageOps.exif_transpose(img))
         assert np.array_equal(apply_orientation(t, tag).permute(1, 2, 0).numpy(), expected), tag
 
@@ -165,7 +163,7 @@ def test_deferred_jpeg_decoding_gives_the_same_outputs(model, jpegs, tmp_path):
         (images / p.name).write_bytes(p.read_bytes())
     data = (jpegs / "rgb420.jpg").read_bytes()
     (images / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    (images / "tail_garbage.jpg").write_bytes(data[:-2] + b"\xff\xd9")  # whole-looking, but corrupt inside
+    (images / "cut_with_eoi.jpg").write_bytes(data[: len(data) // 2] + b"\xff\xd9")  # ends as a whole JPEG: deferred
     _run(model, images, tmp_path / "plain" / "boxes.json", maps_dir=tmp_path / "plain" / "maps")
     loc = Localizer(model, device="cpu", batch_size=4, num_workers=0)
     loc.gpu_decode = True  # on CPU only in this test: Localizer(gpu_decode=True) wants CUDA
