@@ -20,7 +20,7 @@ from .data import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
 from .datasets import VOC_CLASSES
 from .errors import C2AMError
 from .io import JsonLines, save_npz_atomic
-from .refine import EXIT_SOME_FAILED, class_index, image_index, read_labels
+from .refine import EXIT_SOME_FAILED, class_index, image_index, read_labels, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
 
@@ -206,11 +206,7 @@ def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lit
                                 high_res=maps.astype(np.float16), classes=np.asarray([classes[c] for c in present], dtype=str))
                 summary.processed += 1
             except C2AMError as e:
-                if progress:
-                    tqdm.write(f"warning: {e} (skipped)")
-                rec = {"id": key, "reason": str(e)}
-                errors.append(rec)
-                summary.failed.append(rec)
+                record_failure(summary, errors, {"id": key, "reason": str(e)}, progress)
     finally:
         errors.close()
     if not summary.failed:

@@ -69,7 +69,7 @@ def _first_line(e: Exception) -> str:
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file or of a torch checkpoint read with weights_only=True (never unpickled)."""
-    import pickle
+    from pickle import UnpicklingError  # only the exception torch's weights-only loader raises; nothing is unpickled
 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -80,7 +80,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise C2AMError(f"{path}: cannot read as safetensors ({_first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except UnpicklingError:
         raise C2AMError(f"{path}: holds Python objects besides tensors, and c2am never unpickles them "
                         "(save a state dict, or convert it to .safetensors)") from None
     except Exception as e:

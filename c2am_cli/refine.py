@@ -469,6 +469,14 @@ class RefineSummary:
         return EXIT_SOME_FAILED if self.failed else 0
 
 
+def record_failure(summary, errors, record: dict, progress: bool) -> None:
+    """One skipped item: a warning line, a record in the errors file and in the summary."""
+    if progress:
+        tqdm.write(f"warning: {record['reason']} (skipped)")
+    errors.append(record)
+    summary.failed.append(record)
+
+
 class Refiner:
     """Turns classifier CAMs into pseudo-masks with C2AM background cues (from weights or a cue folder)."""
 
@@ -584,11 +592,7 @@ class Refiner:
                     save_mask(out / f"{key}.png", mask)
                     summary.processed += 1
                 except C2AMError as e:
-                    rec = {"id": key, "path": str(src.file or Path(cams_dir) / key), "reason": str(e)}
-                    if progress:
-                        tqdm.write(f"warning: {e} (skipped)")
-                    errors.append(rec)
-                    summary.failed.append(rec)
+                    record_failure(summary, errors, {"id": key, "path": str(src.file or Path(cams_dir) / key), "reason": str(e)}, progress)
         finally:
             errors.close()
         if not summary.failed:
