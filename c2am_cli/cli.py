@@ -139,6 +139,7 @@ def localize(
     format: str = typer.Option("json", "--format", help="json or coco."),
     threshold: Optional[float] = typer.Option(None, help="Box threshold tau in [0, 1], relative to each map's max. Default: stored with the weights."),
     all_boxes: bool = typer.Option(False, "--all-boxes", help="One box per connected region instead of the largest only."),
+    boxes_from: Optional[str] = typer.Option(None, help="map: boxes from the activation map (fast); mask: from the refined (calibrated, CRF) mask at image size, better boxes at some CPU time per image. Default: stored with the weights."),
     scales: Optional[str] = typer.Option(None, help="Test-time scales, e.g. '0.5,1,1.5'. Default: stored with the weights."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Average with the horizontally flipped image."),
     batch_size: int = typer.Option(32, min=1),
@@ -161,7 +162,8 @@ def localize(
     from .infer import localize as run_localize
 
     summary = run_localize(image_dir, out, weights=weights, maps_dir=maps, map_format=map_format, overlays_dir=overlays,
-                           fmt=format, threshold=threshold, all_boxes=all_boxes, scales=_floats(scales), flip=flip,
+                           fmt=format, threshold=threshold, all_boxes=all_boxes, boxes_from=boxes_from,
+                           scales=_floats(scales), flip=flip,
                            batch_size=batch_size, num_workers=workers, device=device, max_pixels=max_pixels,
                            compile=compile, gpu_decode=gpu_decode, overwrite=overwrite, strict=strict,
                            progress=not quiet and is_main())
@@ -246,6 +248,7 @@ def eval_(
     device: str = typer.Option("auto", help="--weights: auto, cpu, cuda, cuda:N or mps."),
     scales: Optional[str] = typer.Option(None, help="--weights: test-time scales, e.g. '0.5,1,1.5'."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="--weights: average with the flipped image."),
+    boxes_from: Optional[str] = typer.Option(None, help="--weights: CorLoc boxes from the activation map (map) or the refined mask (mask). Default: stored with the weights."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable map or image."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
@@ -270,8 +273,8 @@ def eval_(
                       split=split, calibrate_on=calibrate_on, calibration_fraction=calibration_fraction, seed=seed,
                       threshold=threshold, top5=top5, interval=interval, maps_normalized=maps_normalized,
                       allow_pickle=allow_pickle, box_source=box_source, mask_format=mask_format, device=device,
-                      scales=_floats(scales), flip=flip, batch_size=batch_size, num_workers=workers, strict=strict,
-                      progress=not quiet)
+                      scales=_floats(scales), flip=flip, boxes_from=boxes_from, batch_size=batch_size,
+                      num_workers=workers, strict=strict, progress=not quiet)
     typer.echo(format_table(report))
     if out is not None:
         write_json_atomic(out, report.as_dict())
@@ -291,6 +294,48 @@ def _id_list(path: Optional[Path]) -> list[str] | None:
         return read_id_list(path)
     except (OSError, UnicodeDecodeError) as e:
         raise C2AMError(f"--ids {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+
+
+@app.command()
+@friendly
+def calibrate(
+    weights: str = typer.Option(..., help="The C2AM weights to calibrate: run folder, .safetensors, registry name or hf://..."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="A set with masks: masks (images/ + masks/) or voc."),
+    root: Path = typer.Option(..., "--root", help="The dataset folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Write the calibrated weights here (.safetensors file or folder)."),
+    split: Optional[str] = typer.Option(None, help="The split to draw calibration images from. Default: the set's usual one."),
+    calibrate_on: Optional[str] = typer.Option(None, help="Calibrate on this split (name or file of ids)."),
+    calibration_fraction: Optional[float] = typer.Option(None, help="Calibrate on this seeded random share (eval --calibration-fraction with the same seed reports on the rest)."),
+    seed: int = typer.Option(0, help="Seed of --calibration-fraction."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Try dense-CRF settings and keep the best (needs the crf extra)."),
+    boxes_from: Optional[str] = typer.Option(None, help="Store this box source (map or mask) and choose tau for it."),
+    scales: Optional[str] = typer.Option(None, help="Store these test-time scales first, e.g. '0.5,1,1.5'."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Store test-time flip on or off first."),
+    edge_radius: Optional[float] = typer.Option(None, min=0.0, help="Store this guided-filter radius (share of the shorter side; 0: off) first."),
+    half: bool = typer.Option(False, "--half", help="Store the weights as float16 (half the size)."),
+    batch_size: int = typer.Option(32, min=1),
+    workers: int = typer.Option(2, min=0, help="DataLoader worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Calibrate weights on labelled images: maps become foreground probabilities, the dense-CRF setting and the
+    box tau are chosen there, and all three are stored with the weights.
+
+    Example: c2am calibrate --weights runs/c2am --dataset masks --root data/ecssd --calibration-fraction 0.5 --out calibrated.safetensors
+    """
+    import torch
+
+    from .calibration import calibrate as run_calibrate
+
+    model, report = run_calibrate(weights, dataset, root, split=split, calibrate_on=calibrate_on,
+                                  fraction=calibration_fraction, seed=seed, crf=crf, boxes_from=boxes_from,
+                                  scales=_floats(scales), flip=flip, edge_radius=edge_radius, device=device, batch_size=batch_size, num_workers=workers, progress=not quiet)
+    path = model.save(out, dtype=torch.float16 if half else None)
+    for name, f in report.maxf.items():
+        typer.echo(f"  {name:40s} maxF {f:.2f}")
+    typer.echo(f"calibrated on {report.where}: CRF {report.crf_iterations} iterations, box tau {report.box_threshold:g}, "
+               f"P(fg) {report.knots[0]:.2f} .. {report.knots[-1]:.2f}; {len(report.failed)} failed")
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -365,8 +410,33 @@ def cams(
     raise typer.Exit(summary.exit_code)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    app(prog_name="c2am")
+    """The console script: click's usage errors (a bad option value, a missing argument) become one line too."""
+    import warnings
+
+    try:  # typer >= 0.20 vendors click
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    warnings.formatwarning = _one_line_warning  # library warnings as one line on stderr, like errors
+    try:
+        code = app(prog_name="c2am", standalone_mode=False)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as e:  # bare `c2am` / `c2am COMMAND`: the help
+        typer.echo(e.format_message(), err=True)
+        code = EXIT_ERROR
+    except click_errors.UsageError as e:
+        command = e.ctx.command_path.partition(" ")[2] if e.ctx else ""
+        typer.echo(f"error: {e.format_message()} (see c2am {command + ' ' if command else ''}--help)", err=True)
+        code = EXIT_ERROR
+    except click_errors.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

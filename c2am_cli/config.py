@@ -32,6 +32,11 @@ class ModelConfig:
     flip: bool = False  # default test-time horizontal flip
     edge_radius: float = 0.0  # guided-filter maps at image size, radius as a share of the shorter side (0: off)
     edge_eps: float = 0.01  # guided-filter regularisation (larger: smoother)
+    calibration: tuple[float, ...] = ()  # P(foreground) at normalised map values 0, 1/(K-1), .., 1 (empty: none)
+    calibration_source: str = ""  # the images the calibration was fitted on
+    crf_iterations: int = 0  # calibrated maps at image size: dense-CRF mean-field steps (0: off)
+    crf_bilateral: tuple[float, float, float] = (60.0, 10.0, 5.0)  # dense CRF appearance kernel: sxy, srgb, compat
+    boxes_from: str = "map"  # boxes from the activation map ("map", fast) or the refined mask ("mask", needs CRF time)
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import time
 import warnings
@@ -22,7 +23,14 @@ from .errors import C2AMError, ImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x its warning level)
 
-Image.MAX_IMAGE_PIXELS = None  # c2am checks the size itself, with a clear message per file
+
+
+def _allow_pixels(max_pixels: int | None) -> None:
+    """Raise Pillow's own decompression-bomb limit (it refuses over twice MAX_IMAGE_PIXELS) when, and only when,
+    the caller asks c2am for more (--max-pixels); c2am checks the size itself, with a clear message per file."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and (max_pixels is None or max_pixels > 2 * limit):
+        Image.MAX_IMAGE_PIXELS = None if max_pixels is None else max_pixels // 2 + 1
 
 
 def scan_images(root: str | Path, errors: list[tuple[str, str]] | None = None) -> list[str]:
@@ -77,6 +85,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _over_limit(pixels: str, max_pixels: int | None) -> str:
+    return f"{pixels} pixels is over the limit of {max_pixels} (decompression bomb?); raise --max-pixels to allow it"
+
+
 def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode one image as upright RGB (EXIF orientation applied); raise ImageError with the reason."""
     path = Path(path)
@@ -86,15 +98,19 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             raise ImageError(path, "not a regular file")  # a FIFO or device named .jpg would block the run
         if st.st_size == 0:
             raise ImageError(path, "empty file (0 bytes)")
+        _allow_pixels(max_pixels)
         with Image.open(path) as img:
             w, h = img.size
             if max_pixels and w * h > max_pixels:
-                raise ImageError(path, f"{w}x{h} = {w * h} pixels is over the limit of {max_pixels} (decompression bomb?); raise --max-pixels to allow it")
+                raise ImageError(path, _over_limit(f"{w}x{h} = {w * h}", max_pixels))
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img)
     except ImageError:
         raise
+    except Image.DecompressionBombError as e:  # Pillow's check runs first, at the same limit by default
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageError(path, _over_limit(found.group(1) if found else "its", max_pixels)) from None
     except UnidentifiedImageError:
         raise ImageError(path, "not an image Pillow can read") from None
     except PermissionError:

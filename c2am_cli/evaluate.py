@@ -26,7 +26,8 @@ BASELINES = ("full", "center")
 
 
 class MapSource:
-    """Yields, per item, its map at RESIZE x RESIZE (box metrics) and at the ground truth's size (mask metrics).
+    """Yields, per item, its map at RESIZE x RESIZE (box metrics) and at the ground truth's size (mask metrics),
+    and optionally, fifth, the image-size map CorLoc mines boxes from (default: the mask-metrics map).
 
     `normalized`: maps are in [0, 1] and used as given (wsolevaluation's evaluator on stored score maps); otherwise
     each map is min-max normalised per image (boxes.normalize_map, as wsolevaluation's inference does).
@@ -181,14 +182,15 @@ class ModelMaps(MapSource):
     """Maps of a C2AM model run on the fly (Localizer.maps on batches of squashed images)."""
 
     name = "weights"
+    normalized = True  # iterate() normalises and refines them itself
 
     def __init__(self, image_root, weights=None, device: str = "auto", scales=None, flip=None, batch_size: int = 32,
-                 num_workers: int = 2):
+                 num_workers: int = 2, boxes_from: str | None = None):
         from .infer import Localizer
 
         self.image_root = Path(image_root)
         self.localizer = Localizer(weights, device=device, scales=scales, flip=flip, batch_size=batch_size,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, boxes_from=boxes_from)
 
     def describe(self) -> dict:
         return {"kind": "weights", **self.localizer.settings()}
@@ -198,6 +200,10 @@ class ModelMaps(MapSource):
         return self.localizer.threshold
 
     def iterate(self, items, sizes, need_box, need_full):
+        """Box maps min-max normalised at RESIZE; full maps refined as the weights say (normalised when not
+        calibrated); a fifth element, the map CorLoc mines boxes from. Boxes come from what `localize` takes them
+        from: the plain activation map, or with boxes from masks the refined map (squashed to RESIZE for the
+        wsolevaluation metrics)."""
         import torch.nn.functional as F
         from torch.utils.data import DataLoader
 
@@ -206,27 +212,32 @@ class ModelMaps(MapSource):
 
         loc = self.localizer
         mc = loc.model.config.model
+        needs_image = mc.edge_radius > 0 or (bool(mc.calibration) and mc.crf_iterations > 0)
+        from_mask = loc.boxes_from == "mask"
         ds = ImageFolder(self.image_root, [it.image for it in items], eval_transform(mc.image_size, mc.mean, mc.std),
                          loc.max_pixels)
         loader = DataLoader(ds, batch_size=loc.batch_size, shuffle=False, num_workers=loc.num_workers, collate_fn=collate)
         for batch in loader:
             for idx, reason in batch.errors:
-                yield idx, None, None, reason
+                yield idx, None, None, reason, None
             if not len(batch):
                 continue
             maps = loc.maps(batch.images)[:, None]
             for j, idx in enumerate(batch.indices):
                 m = maps[j:j + 1]
-                box = full = None
-                if need_box:
+                box = full = corloc = None
+                if need_full or from_mask:
+                    image = load_image(self.image_root / items[idx].image, loc.max_pixels) if needs_image else None
+                    full = full_size_map(m[0, 0], sizes[idx], image, mc)
+                    if not mc.calibration:
+                        full = normalize_map(full)
+                    corloc = normalize_map(full if from_mask else full_size_map(m[0, 0], sizes[idx]))
+                if need_box and from_mask:  # every box metric from the refined mask, squashed as wsolevaluation does
+                    box = normalize_map(cv2.resize(full, (RESIZE, RESIZE), interpolation=cv2.INTER_LINEAR))
+                elif need_box:
                     box = m if m.shape[-2:] == (RESIZE, RESIZE) else F.interpolate(m, size=(RESIZE, RESIZE), mode="bilinear", align_corners=False)
-                    box = box[0, 0].clamp(0, 1).cpu().numpy()
-                if need_full:
-                    image = None
-                    if mc.edge_radius > 0:
-                        image = load_image(self.image_root / items[idx].image, loc.max_pixels)
-                    full = full_size_map(m[0, 0], sizes[idx], image, mc.edge_radius, mc.edge_eps)
-                yield idx, box, full, None
+                    box = normalize_map(box[0, 0].clamp(0, 1).cpu().numpy())
+                yield idx, box, full if need_full else None, None, corloc
 
 
 def _prepare(m: np.ndarray, normalized: bool, where: str) -> np.ndarray:
@@ -384,7 +395,7 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
             failed.append({"id": item.id, "reason": str(e)})
             sizes.append((RESIZE, RESIZE))
     bar = tqdm(total=len(items), desc="eval", unit="img", disable=not progress)
-    for k, box_map, full_map, error in source.iterate(items, sizes, True, need_full):
+    for k, box_map, full_map, error, *corloc in source.iterate(items, sizes, True, need_full):
         bar.update(1)
         item = items[k]
         if k not in gts:
@@ -395,12 +406,13 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
             gt = gts[k]
             bm = _prepare(box_map, source.normalized, item.image)
             fm = _prepare(full_map, source.normalized, item.image) if need_full else None
+            cm = _prepare(corloc[0], source.normalized, item.image) if corloc and corloc[0] is not None else fm
             mask = gt.mask
             if has_masks and dataset.task == "semantic":
                 mask = np.where(mask == IGNORE, IGNORE, (mask > 0).astype(np.uint8)).astype(np.uint8)
-            boxes.add(bm, gt.boxes, gt.size, fm)
+            boxes.add(bm, gt.boxes, gt.size, cm)
             if boxes_tau is not None:
-                boxes_tau.add(bm, gt.boxes, gt.size, fm)
+                boxes_tau.add(bm, gt.boxes, gt.size, cm)
             if masks is not None:
                 masks.add(fm, mask)
                 if masks_tau is not None:
@@ -692,7 +704,8 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
              calibration_fraction: float | None = None, seed: int = 0, threshold: float | None = None,
              top5=None, interval: float = 0.01, maps_normalized: bool = False, allow_pickle: bool = False,
              box_source: str = "mask", mask_format: str = "semantic", device: str = "auto", scales=None, flip=None,
-             batch_size: int = 32, num_workers: int = 2, strict: bool = False, progress: bool = True) -> Report:
+             boxes_from: str | None = None, batch_size: int = 32, num_workers: int = 2, strict: bool = False,
+             progress: bool = True) -> Report:
     """Parse `dataset` at `root` and score exactly one input: --maps, --weights, --baseline or --masks."""
     from .datasets import load_dataset
 
@@ -707,6 +720,8 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
         raise C2AMError(f"--calibration-fraction {calibration_fraction}: must be between 0 and 1 (exclusive)")
     if not 0 < interval < 1:
         raise C2AMError(f"--interval {interval}: must be between 0 and 1 (exclusive)")
+    if boxes_from is not None and weights is None:
+        raise C2AMError("--boxes-from chooses how a model's maps become boxes: use it with --weights")
     if mask_format not in ("semantic", "binary"):
         raise C2AMError(f"--mask-format {mask_format}: use semantic or binary")
     ds = load_dataset(dataset, root, images=images, box_source=box_source)
@@ -725,7 +740,7 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
         source = Baseline(baseline)
     else:
         source = ModelMaps(ds.image_root, weights, device=device, scales=scales, flip=flip, batch_size=batch_size,
-                           num_workers=num_workers)
+                           num_workers=num_workers, boxes_from=boxes_from)
         if protocol.mode == "oracle":  # the weights carry their own tau: report at it too
             protocol.threshold, protocol.threshold_from = source.threshold, "stored with the weights"
     return evaluate(ds, source, split=split, protocol=protocol, interval=interval, top5=top5, strict=strict,

@@ -149,7 +149,7 @@ class Localizer:
     def __init__(self, weights=None, device: str = "auto", threshold: float | None = None, all_boxes: bool = False,
                  scales=None, flip: bool | None = None, batch_size: int = 32, num_workers: int | None = None,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch_factor: int = 4, compile: bool | dict = False,
-                 gpu_decode: bool = False):
+                 gpu_decode: bool = False, boxes_from: str | None = None):
         self.device = distributed.init(resolve_device(device))  # under torchrun: join the group, take GPU LOCAL_RANK
         self.model = weights if isinstance(weights, C2AM) else C2AM.from_pretrained(weights)
         self.model.to(self.device).eval()
@@ -168,6 +168,9 @@ class Localizer:
         if not 0.0 <= self.threshold <= 1.0:
             raise C2AMError(f"--threshold {self.threshold}: must be between 0 and 1")
         self.all_boxes = all_boxes
+        self.boxes_from = boxes_from or mc.boxes_from
+        if self.boxes_from not in ("map", "mask"):
+            raise C2AMError(f"--boxes-from {self.boxes_from}: use map (the activation map) or mask (the refined mask)")
         self.scales = tuple(scales or mc.scales)
         if any(s <= 0 for s in self.scales):
             raise C2AMError(f"--scales {self.scales}: scales must be positive")
@@ -178,6 +181,7 @@ class Localizer:
 
     def settings(self) -> dict:
         return {"weights": self.weights_name, "threshold": self.threshold, "all_boxes": self.all_boxes,
+                "boxes_from": self.boxes_from,
                 "scales": list(self.scales), "flip": self.flip, "image_size": self.model.config.model.image_size}
 
     @torch.inference_mode()
@@ -408,17 +412,21 @@ class Localizer:
 
     def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name) -> dict:
         w, h = size
-        boxes, scores = boxes_from_map(m.cpu().numpy(), self.threshold, self.all_boxes)
-        boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
-        if maps_dir is not None or overlays_dir is not None:
-            mc = self.model.config.model
+        mc = self.model.config.model
+        from_mask = self.boxes_from == "mask"
+        if not from_mask:
+            boxes, scores = boxes_from_map(m.cpu().numpy(), self.threshold, self.all_boxes)
+            boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
+        if from_mask or maps_dir is not None or overlays_dir is not None:
             img = None
-            if overlays_dir is not None or mc.edge_radius > 0:
+            if overlays_dir is not None or mc.edge_radius > 0 or (mc.calibration and mc.crf_iterations > 0):
                 try:
                     img = load_image(Path(image_dir) / rel, self.max_pixels)
                 except ImageError:
-                    pass  # it decoded a moment ago; a file changed under us only loses its overlay and edge refinement
-            full = full_size_map(m, (w, h), img, mc.edge_radius, mc.edge_eps)
+                    pass  # it decoded a moment ago; a file changed under us only loses its overlay and refinement
+            full = full_size_map(m, (w, h), img, mc)
+            if from_mask:
+                boxes, scores = boxes_from_map(full, self.threshold, self.all_boxes)
             if maps_dir is not None and map_format in ("npy", "both"):
                 save_npy_atomic(Path(maps_dir) / npy_name, full.astype(np.float16))
             if maps_dir is not None and map_format in ("png", "both"):

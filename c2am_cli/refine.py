@@ -346,19 +346,18 @@ def dense_map(model, image: Image.Image, scales=DENSE_SCALES, flip: bool = True,
 def crf_cue(image: np.ndarray, fg: np.ndarray, iterations: int = 10, gt_prob: float = CRF_GT_PROB) -> np.ndarray:
     """A foreground cue (bool, H x W) refined by a fully connected CRF over the RGB image (H, W, 3, uint8),
     with IRN's crf_inference_label settings (Gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10)."""
+    from .edges import dense_crf
+
     try:
-        import pydensecrf.densecrf as dcrf
+        import pydensecrf.densecrf  # noqa: F401  (dense_crf's engine)
         from pydensecrf.utils import unary_from_labels
     except ImportError:
         raise C2AMError("--crf needs pydensecrf2: pip install 'c2am[crf]' (it builds with a C++ compiler)") from None
     h, w = fg.shape
     if image.shape[:2] != (h, w):
         raise C2AMError(f"CRF: image {image.shape[1]}x{image.shape[0]} and cue {w}x{h} differ in size")
-    d = dcrf.DenseCRF2D(w, h, 2)
-    d.setUnaryEnergy(unary_from_labels(fg.astype(np.int32), 2, gt_prob=gt_prob, zero_unsure=False))
-    d.addPairwiseGaussian(sxy=3, compat=3)
-    d.addPairwiseBilateral(sxy=50, srgb=5, rgbim=np.array(image, dtype=np.uint8, order="C"), compat=10)
-    q = np.asarray(d.inference(int(iterations)), dtype=np.float32).reshape(2, h, w)
+    unary = unary_from_labels(fg.astype(np.int32), 2, gt_prob=gt_prob, zero_unsure=False).reshape(2, h, w)
+    q = dense_crf(image, unary, iterations, bilateral=(50, 5, 10))
     return q[1] > q[0]
 
 

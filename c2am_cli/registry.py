@@ -279,7 +279,9 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         f"| input size | {m.image_size} x {m.image_size} |",
         f"| normalisation | mean ({_fmt(m.mean)}), std ({_fmt(m.std)}) |",
         f"| polarity | {m.polarity:+d} (border-prior score {_fmt(m.polarity_score) if m.polarity_score is not None else 'n/a'}) |",
-        f"| box threshold | {_fmt(m.box_threshold)} ({m.box_threshold_source}) |",
+        f"| box threshold | {_fmt(m.box_threshold)} ({m.box_threshold_source}), boxes from the {m.boxes_from} |",
+        f"| test-time scales / flip | {_fmt(m.scales)} / {'yes' if m.flip else 'no'} |",
+        f"| maps at image size | {_refinement(m)} |",
         f"| versions | {', '.join(f'{k} {v}' for k, v in sorted(config.versions.items())) or 'n/a'} |",
         "", "## Training", "",
         "| | |", "|---|---|",
@@ -306,6 +308,16 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         lines += ["", "## Notes", "", notes.strip()]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def _refinement(m) -> str:
+    """The stored refinement of maps at image size, in words."""
+    steps = [f"guided filter (radius {_fmt(m.edge_radius)} of the shorter side)"] if m.edge_radius > 0 else []
+    if m.calibration:
+        steps.append(f"calibrated to P(foreground) ({len(m.calibration)} knots, fitted on {m.calibration_source})")
+        if m.crf_iterations:
+            steps.append(f"dense CRF ({m.crf_iterations} iterations, bilateral {_fmt(m.crf_bilateral)})")
+    return ", ".join(steps) or "bilinear upsampling only"
 
 
 def _read_push_config(model_path: Path):

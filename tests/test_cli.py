@@ -202,3 +202,14 @@ def test_train_and_localize_with_any_timm_backbone(backbone, images, tmp_path):
            "--maps", tmp_path / "maps", "--workers", 0, "--device", "cpu", "-q")
     _check_record_schema(json.loads((tmp_path / "boxes.json").read_text()), str(tmp_path / "run" / "model.safetensors"), 0.5)
     assert len(list((tmp_path / "maps").rglob("*.npy"))) == len(SIZES)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", ".", "--batch-size", "0"], "error: Invalid value for '--batch-size': "),
+    (["localize"], "error: Missing argument 'image_dir'. (see c2am localize --help)"),
+    (["--nope"], "error: No such option: --nope (see c2am --help)"),
+])
+def test_usage_errors_of_the_console_script_are_one_line(args, message):
+    proc = subprocess.run([str(console_script()), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr

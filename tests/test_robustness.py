@@ -560,3 +560,22 @@ def test_outputs_inside_input_folder_are_not_inputs(small_folder, model_file, tm
     assert r.exit_code == 0 and "0 localised, 4 from an earlier run, 0 failed" in r.stdout
     single = invoke("localize", images / "img_001.jpg", "--weights", model_file, "--out", tmp_path / "one.json", "-q")
     assert single.exit_code == 0 and [rec["file"] for rec in json.loads((tmp_path / "one.json").read_text())["images"]] == ["img_001.jpg"]
+
+
+def test_pillow_limit_is_left_alone_unless_more_is_asked_for(tmp_path, monkeypatch):
+    from c2am_cli.data import DEFAULT_MAX_PIXELS
+    from c2am_cli.errors import ImageError
+
+    fresh = subprocess.run([sys.executable, "-c", "import c2am_cli.cli, c2am_cli.data, PIL.Image as I; print(I.MAX_IMAGE_PIXELS)"],
+                           capture_output=True, text=True, check=True)
+    pillow = int(fresh.stdout)  # importing c2am leaves Pillow's limit as it was
+    assert 2 * pillow == DEFAULT_MAX_PIXELS
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow)  # restored after the test
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_bomb())
+    with pytest.raises(ImageError, match=r"10000000000 pixels is over the limit of 178956970 .*raise --max-pixels"):
+        load_image(bomb)  # Pillow refuses first; the reason is still c2am's
+    assert Image.MAX_IMAGE_PIXELS == pillow
+    with pytest.raises(ImageError, match="cannot decode"):  # asked for: Pillow lets it through, the data is short
+        load_image(bomb, max_pixels=None)
+    assert Image.MAX_IMAGE_PIXELS is None
