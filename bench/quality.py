@@ -204,7 +204,7 @@ METRIC_NAMES = {"GT-known Loc": "GT-known Loc", "CorLoc": "CorLoc", "oracle MaxB
                 "oracle maxF": "maxF", "mIoU": "mIoU", "mIoU2": "fg/bg mIoU2", "MAE": "MAE"}
 
 
-def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weights" / "default") -> None:
+def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weights" / "default", note: str = "") -> None:
     """Write a scored run as the embedded default: fp16 weights with its scores in the config, config.json, the model
     card, and the registry's sha256."""
     import torch
@@ -239,7 +239,7 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
              f"box tau {mc.box_threshold:g} chosen on a seeded half of ECSSD; ECSSD is reported on its other half, the "
              f"other sets at the stored tau; MaxBoxAccV2 and maxF are threshold-free maxima (oracle) by definition. "
              f"Reproduce: `{train_cmd}`, then `{cal_cmd}`; scored by `python bench/quality.py --variants {name} "
-             f"--seeds {seed}`.")
+             f"--seeds {seed}`. {note}".strip())
     (dest / "README.md").write_text(model_card(model.config, license="other", notes=notes), encoding="utf-8")
     update_default()
     print(f"wrote {dest} from {run}")
@@ -253,6 +253,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("quality.md"))
     p.add_argument("--device", default="auto")
     p.add_argument("--export", metavar="VARIANT", help="write VARIANT (first seed) as the embedded default and stop")
+    p.add_argument("--export-note", default="", help="a sentence for the exported model card (how the run was made)")
     args = p.parse_args(argv)
     if not (DATA / "ecssd").is_dir():
         sys.exit(f"no dev data at {DATA} (set C2AM_DATA)")
@@ -262,7 +263,7 @@ def main(argv=None) -> None:
         sys.exit(f"unknown variants: {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.export:
-        export_default(args.export, seeds[0], args.runs)
+        export_default(args.export, seeds[0], args.runs, note=args.export_note)
         return
     args.runs.mkdir(parents=True, exist_ok=True)
     rows, raw = {}, {}

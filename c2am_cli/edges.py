@@ -90,6 +90,11 @@ def crf_probability(image, prob: np.ndarray, iterations: int, bilateral=(60.0, 1
 _warned_crf = False
 
 
+def uses_image(config) -> bool:
+    """Whether refine_full_map needs the photo (guided filter or dense CRF), so callers decode it only then."""
+    return config.edge_radius > 0 or (bool(config.calibration) and config.crf_iterations > 0)
+
+
 def refine_full_map(full: np.ndarray, image, config, crf: bool = True) -> np.ndarray:
     """An activation map at image size through the stored refinement: min-max normalised (when calibrated),
     guided-filtered, calibrated to foreground probabilities, and dense-CRF-refined, each where the config says."""

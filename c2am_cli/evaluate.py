@@ -208,11 +208,11 @@ class ModelMaps(MapSource):
         from torch.utils.data import DataLoader
 
         from .data import ImageFolder, collate, eval_transform, load_image
-        from .edges import full_size_map
+        from .edges import full_size_map, uses_image
 
         loc = self.localizer
         mc = loc.model.config.model
-        needs_image = mc.edge_radius > 0 or (bool(mc.calibration) and mc.crf_iterations > 0)
+        needs_image = uses_image(mc)
         from_mask = loc.boxes_from == "mask"
         ds = ImageFolder(self.image_root, [it.image for it in items], eval_transform(mc.image_size, mc.mean, mc.std),
                          loc.max_pixels)

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .boxes import boxes_from_map, scale_boxes
-from .edges import full_size_map
+from .edges import full_size_map, uses_image
 from .data import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation, collate, decode_jpeg_bytes, load_image,
                    load_image_tensor, normalize_batch, pause_for_tests, scan_images, squash)
 from .errors import C2AMError, ImageError
@@ -419,7 +419,7 @@ class Localizer:
             boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
         if from_mask or maps_dir is not None or overlays_dir is not None:
             img = None
-            if overlays_dir is not None or mc.edge_radius > 0 or (mc.calibration and mc.crf_iterations > 0):
+            if overlays_dir is not None or uses_image(mc):
                 try:
                     img = load_image(Path(image_dir) / rel, self.max_pixels)
                 except ImageError:
