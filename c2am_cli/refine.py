@@ -330,7 +330,8 @@ def dense_map(model, image: Image.Image, scales=DENSE_SCALES, flip: bool = True,
     squashed to base_size x base_size (default: the model's training size, as `localize` does), each scale of it
     and its flip, averaged and resized to the image. At the image's own size a 224-trained model sees textures,
     not objects (fg/bg mIoU2 57.5 vs 59.0 on voc2012_seg_subset train). Weights that store an edge radius get the
-    guided filter (edges.py) at image size, as `localize` maps do."""
+    guided filter (edges.py) at image size, as `localize` maps do, but not their calibration and dense CRF: the cue
+    threshold is chosen on these maps, and `--crf` refines the cue itself."""
     mc = model.config.model
     w, h = image.size
     side = int(base_size or mc.image_size)
