@@ -45,6 +45,9 @@ class Variant:
     freeze_backbone: bool = True
     cache_views: int = 4
     train_on: str = "pool"  # pool: unlabeled_pool; pool+dev: plus the images (never the labels) of the dev sets
+    finetune_epochs: int = 0  # then fine-tune the whole backbone (BatchNorm frozen) from the trained head
+    finetune_lr: float = 1e-4
+    finetune_levels: int = 0  # 0: the whole backbone; K: the stages of its last K feature levels
     scales: tuple[float, ...] = (0.5, 1.0, 1.5)
     flip: bool = True
     edge_radius: float = 0.0
@@ -54,15 +57,25 @@ class Variant:
     def train_key(self, seed: int) -> str:
         f = dataclasses.asdict(self)
         keys = [k for k in f if k in TRAIN_FIELDS]
-        return "-".join(f"{k}={f[k]}" for k in keys).replace("/", "_") + f"-seed={seed}"
+        ft = f"-ft={self.finetune_epochs}@{self.finetune_lr:g}" if self.finetune_epochs else ""
+        ft += f"-levels={self.finetune_levels}" if self.finetune_epochs and self.finetune_levels else ""
+        return "-".join(f"{k}={f[k]}" for k in keys).replace("/", "_") + f"-seed={seed}" + ft
 
 
 TRAIN_FIELDS = ("backbone", "backbone_weights", "image_size", "output_stride", "alpha", "epochs", "batch_size",
                 "freeze_backbone", "cache_views", "train_on")
-BASE = Variant()  # the embedded default
-GF = dataclasses.replace(BASE, edge_radius=0.08)  # with the guided filter before calibration: the sweep's base
+HEAD = Variant()  # the head on the frozen backbone (the default until the fine-tuned one below won)
+DEFAULT = dataclasses.replace(HEAD, finetune_epochs=3, finetune_lr=1e-3, finetune_levels=2)  # the embedded default
+GF = dataclasses.replace(HEAD, edge_radius=0.08)  # with the guided filter before calibration: the first sweep's base
 VARIANTS = {
-    "default": BASE,
+    "default": DEFAULT,
+    "mask-boxes": dataclasses.replace(DEFAULT, boxes_from="mask"),
+    "pool+dev": dataclasses.replace(DEFAULT, train_on="pool+dev"),
+    "ft-whole": dataclasses.replace(DEFAULT, finetune_levels=0),
+    "ft-whole-lr1e-4": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_lr=1e-4),
+    "ft-whole-lr3e-3": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_lr=3e-3),
+    "ft-whole-10-epochs": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_epochs=10),
+    "head-only": HEAD,
     "guided-filter": GF,
     "gf-mask-boxes": dataclasses.replace(GF, boxes_from="mask"),
     "gf-no-crf": dataclasses.replace(GF, crf=False),
@@ -114,10 +127,16 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
     model = run / "model.safetensors"
     if model.exists():
         return model
+    resume = (run / "checkpoint.safetensors").exists()
+    if v.finetune_epochs:
+        head = trained(dataclasses.replace(v, finetune_epochs=0), seed, runs, device)
+        tcfg = TrainConfig(epochs=v.finetune_epochs, batch_size=v.batch_size, alpha=v.alpha, lr=v.finetune_lr,
+                           finetune_levels=v.finetune_levels, seed=seed)
+        return train(training_folder(v.train_on, runs), run, train_config=tcfg, device=device, resume=resume,
+                     init=str(head), progress=False)
     mcfg = ModelConfig(backbone=v.backbone, image_size=v.image_size, output_stride=v.output_stride or None)
     tcfg = TrainConfig(epochs=v.epochs, batch_size=v.batch_size, alpha=v.alpha, freeze_backbone=v.freeze_backbone,
                        cache_views=v.cache_views, backbone_weights=v.backbone_weights, seed=seed)
-    resume = (run / "checkpoint.safetensors").exists()
     return train(training_folder(v.train_on, runs), run, mcfg, tcfg, device=device, resume=resume, progress=False)
 
 
@@ -222,6 +241,11 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
                  f"--image-size {v.image_size} --output-stride {v.output_stride} --alpha {v.alpha} --epochs {v.epochs} "
                  f"--batch-size {v.batch_size} {'--freeze-backbone ' if v.freeze_backbone else ''}"
                  f"--cache-views {v.cache_views} --seed {seed} --out runs/default")
+    if v.finetune_epochs:
+        train_cmd = (f"{train_cmd.replace('runs/default', 'runs/head')}, then c2am train ../shared/data/{POOL} "
+                     f"--init runs/head --alpha {v.alpha} --epochs {v.finetune_epochs} --batch-size {v.batch_size} "
+                     f"--lr {v.finetune_lr:g} {f'--finetune-levels {v.finetune_levels} ' if v.finetune_levels else ''}"
+                     f"--seed {seed} --out runs/default")
     cal_cmd = (f"c2am calibrate --weights runs/default --dataset masks --root ../shared/data/ecssd "
                f"--calibration-fraction 0.5 --scales {','.join(f'{x:g}' for x in v.scales)} "
                f"--{'' if v.flip else 'no-'}flip --edge-radius {v.edge_radius:g} --boxes-from {v.boxes_from} "
@@ -235,6 +259,7 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
                          "train_dir": "unlabeled_pool (1,205 photos: 200 BSDS500 test + 1,005 Caltech-101, no labels)",
                          "train_images": 1205, "metrics": metrics}
     mc.cue_threshold = CUE_THRESHOLD
+    model.config.train.backbone_weights = model.config.train.backbone_weights or v.backbone_weights  # runs fine-tuned before c2am kept it
     model.save(dest / "model.safetensors", dtype=torch.float16)
     notes = (f"{LICENCE_NOTE}\n\nProtocol of the metrics: calibration (P(foreground) knots), dense-CRF setting and "
              f"box tau {mc.box_threshold:g} chosen on a seeded half of ECSSD; ECSSD is reported on its other half, the "

@@ -82,6 +82,7 @@ def train(
     weight_decay: float = typer.Option(1e-4, min=0.0),
     image_size: int = typer.Option(224, min=32, help="Training crop size (images are resized to size*8/7 first)."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the activation head only."),
+    finetune_levels: int = typer.Option(0, "--finetune-levels", min=0, help="Partial fine-tuning: train only the backbone stages of its last K feature levels (0: the whole backbone)."),
     cache_views: int = typer.Option(0, min=0, help="With --freeze-backbone: precompute this many augmented views per image (fast, uses memory)."),
     bn_train: bool = typer.Option(False, "--bn-train", help="Update backbone BatchNorm statistics (the authors' setting; hurts on small data)."),
     output_stride: int = typer.Option(16, help="Ask timm for this output stride where the backbone supports it (0: native)."),
@@ -108,7 +109,7 @@ def train(
 
     mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None)
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, alpha=alpha, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                       freeze_backbone=freeze_backbone, cache_views=cache_views, bn_train=bn_train,
+                       freeze_backbone=freeze_backbone, finetune_levels=finetune_levels, cache_views=cache_views, bn_train=bn_train,
                        backbone_weights=backbone_weights, seed=seed, num_workers=workers,
                        local_contrast=local_contrast, sync_bn=sync_bn)
     trainer = Trainer(image_dir, out, mcfg, tcfg, device=device, resume=resume, init=init, progress=not quiet,

@@ -53,6 +53,7 @@ class TrainConfig:
     poly_power: float = 0.9
     resize: int | None = None  # resize to resize x resize, then random crop; default image_size * 8 / 7
     freeze_backbone: bool = False
+    finetune_levels: int = 0  # fine-tune only the backbone stages of the last K feature levels (0: all of it)
     bn_train: bool = False  # update backbone BatchNorm statistics while training
     cache_views: int = 0  # frozen backbone only: precomputed augmented views per image
     backbone_weights: str | None = None

@@ -44,6 +44,26 @@ class Backbone(nn.Module):
         feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
         return torch.cat(feats, dim=1)
 
+    def freeze_before_level(self, levels: int) -> int:
+        """Partial fine-tuning: freeze every module up to the one that outputs feature level -(levels + 1) (timm's
+        feature_info names it; modules come in forward order), so the stages of the last `levels` levels train.
+        Returns how many parameter tensors were frozen."""
+        modules = [i["module"] for i in self.body.feature_info.info]
+        if not 0 < levels < len(modules):
+            raise C2AMError(f"--finetune-levels {levels}: this backbone has {len(modules)} feature levels "
+                            f"(use 1..{len(modules) - 1}, or 0 for the whole backbone)")
+        last = modules[-levels - 1]
+        frozen, inside = 0, False
+        for name, module in self.body.named_modules():
+            is_last = f".{last}." in f".{name}."  # the module itself or one inside it, under any prefix
+            if inside and not is_last:
+                break
+            inside = inside or is_last
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(False)
+                frozen += 1
+        return frozen
+
     def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load weights named as timm's full classification model; every backbone tensor must be given."""
         own = self.body.state_dict()

@@ -291,7 +291,7 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         f"| alpha (rank-weight decay) | {_fmt(t.alpha)} |",
         f"| optimiser | SGD, lr {_fmt(t.lr)}, momentum {_fmt(t.momentum)}, weight decay {_fmt(t.weight_decay)}, "
         f"head x{_fmt(t.head_lr_mult)}, poly {_fmt(t.poly_power)} |",
-        f"| backbone | {'frozen' if t.freeze_backbone else 'fine-tuned'}, BatchNorm statistics "
+        f"| backbone | {'frozen' if t.freeze_backbone else 'fine-tuned' + (f' (last {t.finetune_levels} feature levels)' if t.finetune_levels else '')}, BatchNorm statistics "
         f"{'updated' if t.bn_train else 'frozen'} |",
         f"| seed | {t.seed} |",
         "", "## Metrics", "",

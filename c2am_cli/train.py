@@ -70,6 +70,15 @@ def set_train_mode(model: C2AM, cfg: TrainConfig) -> None:
         model.backbone.eval()
 
 
+def set_trainable(model: C2AM, cfg: TrainConfig) -> C2AM:
+    """Head only (freeze_backbone), the stages of the last `finetune_levels` feature levels, or the whole model."""
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    elif cfg.finetune_levels:
+        model.backbone.freeze_before_level(cfg.finetune_levels)
+    return model
+
+
 def decide_polarity(raw_maps: torch.Tensor, border: float = 0.1) -> tuple[int, float]:
     """Border prior over many images: if the head's map (binarised at 0.5) is more often on at the image
     border than inside, the head learned the background, and polarity is -1. Returns (polarity, score)."""
@@ -156,8 +165,18 @@ class Trainer:
             model = C2AM.from_pretrained(init)
             if model.config.model.backbone != mcfg.backbone:
                 tqdm.write(f"fine-tuning {init}: backbone {model.config.model.backbone} (its own)")
+            if tcfg.backbone_weights is None:  # the backbone's lineage: what the weights' own run started from
+                tcfg.backbone_weights = model.config.train.backbone_weights
             model.config.train = tcfg
-            return model
+            model.config.data = {"train_dir": self.image_dir.name, "train_images": len(self.files), "init": str(init)}
+            mc = model.config.model  # a calibration fitted to the old maps no longer holds: `c2am calibrate` again
+            if mc.calibration:
+                mc.calibration, mc.calibration_source = (), ""
+                mc.box_threshold_source = f"{mc.box_threshold_source} (before fine-tuning)"
+                if distributed.is_main():
+                    tqdm.write(f"fine-tuning {init}: its calibration fits the old maps and is dropped; "
+                               f"run `c2am calibrate` on the new weights")
+            return set_trainable(model, tcfg)
         pretrained = tcfg.backbone_weights == "timm"
         if pretrained:
             model = C2AM(C2AMConfig(model=mcfg, train=tcfg), pretrained=True)
@@ -177,10 +196,8 @@ class Trainer:
             pc = model.backbone.body.pretrained_cfg or {}  # timm's own normalisation for this backbone
             if "mean" in pc and "std" in pc:
                 model.config.model.mean, model.config.model.std = tuple(pc["mean"]), tuple(pc["std"])
-        if tcfg.freeze_backbone:
-            model.backbone.requires_grad_(False)
         model.config.data = {"train_dir": self.image_dir.name, "train_images": len(self.files)}
-        return model
+        return set_trainable(model, tcfg)
 
     def _load_checkpoint(self, path: Path):
         from safetensors import safe_open
@@ -190,9 +207,7 @@ class Trainer:
                 meta = json.loads(f.metadata()["state"])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             config = C2AMConfig.from_json(meta["config"])
-            model = C2AM(config)
-            if config.train.freeze_backbone:
-                model.backbone.requires_grad_(False)
+            model = set_trainable(C2AM(config), config.train)
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         except Exception as e:  # truncated or garbled file, unknown config version, tensors of another model
             reason = str(e) if isinstance(e, C2AMError) else f"{type(e).__name__}: {e}"

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from c2am_cli import C2AM, C2AMConfig, ModelConfig, TrainConfig, train
+from c2am_cli.errors import C2AMError
 from c2am_cli.data import ImageFolder, collate, eval_transform
 from c2am_cli.train import parameter_groups, poly_lr
 from synthetic import make_folder
@@ -113,6 +114,51 @@ def test_frozen_backbone_run_changes_the_head_only(tiny_images, tmp_path):
     backbone = [k for k in init if k.startswith("backbone.")]
     assert all(torch.equal(trained[k], init[k]) for k in backbone)  # weights and BatchNorm statistics alike
     assert not torch.equal(trained["head.conv.weight"], init["head.conv.weight"])
+
+
+def test_partial_finetune_trains_the_last_stages_only(tiny_images, tmp_path):
+    # test_resnet's levels come from act1, layer1..layer4: one level means layer4 alone trains
+    path, mcfg, tcfg = _tiny_run(tiny_images, tmp_path / "run", finetune_levels=1)
+    trained, init = C2AM.from_file(path).state_dict(), _initial_model(mcfg, tcfg).state_dict()
+    changed = {k for k in init if k.startswith("backbone.") and not torch.equal(trained[k], init[k])}
+    assert changed and all(k.startswith("backbone.body.layer4.") for k in changed)
+    assert "backbone.body.layer4.0.conv1.weight" in changed
+
+
+def test_partial_finetune_of_a_stem_without_parameters():
+    # level 0 of test_resnet is act1 (no parameters): four levels freeze the stem (conv1.*, bn1), layer1.. trains
+    model = C2AM(ModelConfig(backbone="test_resnet", image_size=64))
+    names = [n for n, _ in model.backbone.body.named_parameters()]
+    stem = [n for n in names if n.startswith(("conv1.", "bn1."))]
+    assert len(stem) > 3 and names[:len(stem)] == stem
+    assert model.backbone.freeze_before_level(4) == len(stem)
+    assert [n for n, p in model.backbone.body.named_parameters() if not p.requires_grad] == stem
+    with pytest.raises(C2AMError, match="5 feature levels"):
+        C2AM(ModelConfig(backbone="test_resnet", image_size=64)).backbone.freeze_before_level(5)
+
+
+def test_fine_tuning_from_weights_keeps_the_backbone_frozen_when_asked(tiny_images, tmp_path):
+    first, _, _ = _tiny_run(tiny_images, tmp_path / "a")
+    tcfg = TrainConfig(epochs=1, batch_size=4, lr=0.01, num_workers=0, freeze_backbone=True)
+    second = train(tiny_images, tmp_path / "b", train_config=tcfg, device="cpu", progress=False, init=str(first))
+    before, after = C2AM.from_file(first).state_dict(), C2AM.from_file(second).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("backbone."))
+    assert not torch.equal(before["head.conv.weight"], after["head.conv.weight"])
+
+
+def test_fine_tuning_drops_the_old_calibration_and_metrics(tiny_images, tmp_path):
+    first = C2AM.from_file(_tiny_run(tiny_images, tmp_path / "a")[0])
+    mc = first.config.model
+    mc.calibration, mc.calibration_source, mc.box_threshold_source = (0.0, 0.3, 1.0), "half of X", "best CorLoc on X"
+    first.config.data["metrics"] = {"X": {"CorLoc": 99.0}}
+    first.save(tmp_path / "calibrated.safetensors")
+    tcfg = TrainConfig(epochs=1, batch_size=4, lr=0.01, num_workers=0, freeze_backbone=True)
+    second = C2AM.from_file(train(tiny_images, tmp_path / "b", train_config=tcfg, device="cpu", progress=False,
+                                  init=str(tmp_path / "calibrated.safetensors")))
+    m = second.config.model
+    assert m.calibration == () and m.calibration_source == ""
+    assert m.box_threshold_source == "best CorLoc on X (before fine-tuning)"
+    assert "metrics" not in second.config.data and second.config.data["init"].endswith("calibrated.safetensors")
 
 
 # -- the learning test ------------------------------------------------------------------------------
