@@ -71,6 +71,8 @@ VARIANTS = {
     "default": DEFAULT,
     "mask-boxes": dataclasses.replace(DEFAULT, boxes_from="mask"),
     "pool+dev": dataclasses.replace(DEFAULT, train_on="pool+dev"),
+    "ft-levels-1": dataclasses.replace(DEFAULT, finetune_levels=1),
+    "ft-levels-3": dataclasses.replace(DEFAULT, finetune_levels=3),
     "ft-whole": dataclasses.replace(DEFAULT, finetune_levels=0),
     "ft-whole-lr1e-4": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_lr=1e-4),
     "ft-whole-lr3e-3": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_lr=3e-3),

@@ -72,6 +72,8 @@ def set_train_mode(model: C2AM, cfg: TrainConfig) -> None:
 
 def set_trainable(model: C2AM, cfg: TrainConfig) -> C2AM:
     """Head only (freeze_backbone), the stages of the last `finetune_levels` feature levels, or the whole model."""
+    if cfg.freeze_backbone and cfg.finetune_levels:
+        raise C2AMError("--freeze-backbone trains the head only, --finetune-levels part of the backbone: choose one")
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     elif cfg.finetune_levels:

@@ -579,3 +579,14 @@ def test_pillow_limit_is_left_alone_unless_more_is_asked_for(tmp_path, monkeypat
     with pytest.raises(ImageError, match="cannot decode"):  # asked for: Pillow lets it through, the data is short
         load_image(bomb, max_pixels=None)
     assert Image.MAX_IMAGE_PIXELS is None
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--freeze-backbone", "--finetune-levels", "1"], "--freeze-backbone trains the head only"),
+    (["--finetune-levels", "5"], "--finetune-levels 5: this backbone has 5 feature levels (use 1..4"),
+])
+def test_contradictory_or_impossible_fine_tuning_is_one_line(args, reason, tmp_path):
+    make_folder(tmp_path / "imgs", 4, seed=2, size=48)
+    r = invoke("train", tmp_path / "imgs", "--backbone", "test_resnet", "--image-size", 48, "--workers", 0,
+               "--out", tmp_path / "run", *args)
+    assert reason in one_error_line(r)
