@@ -247,6 +247,15 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _backbone_training(t) -> str:
+    """'frozen', 'fine-tuned' or 'fine-tuned (last K feature levels)'."""
+    if t.freeze_backbone:
+        return "frozen"
+    if not t.finetune_levels:
+        return "fine-tuned"
+    return f"fine-tuned (last {t.finetune_levels} feature level{'s' if t.finetune_levels > 1 else ''})"
+
+
 def model_card(config, repo_id: str | None = None, license: str | None = None, notes: str = "") -> str:
     """A Hub model card (README.md) for C2AM weights: backbone, training data and settings, metrics, usage, licence.
 
@@ -291,7 +300,7 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         f"| alpha (rank-weight decay) | {_fmt(t.alpha)} |",
         f"| optimiser | SGD, lr {_fmt(t.lr)}, momentum {_fmt(t.momentum)}, weight decay {_fmt(t.weight_decay)}, "
         f"head x{_fmt(t.head_lr_mult)}, poly {_fmt(t.poly_power)} |",
-        f"| backbone | {'frozen' if t.freeze_backbone else 'fine-tuned' + (f' (last {t.finetune_levels} feature levels)' if t.finetune_levels else '')}, BatchNorm statistics "
+        f"| backbone | {_backbone_training(t)}, BatchNorm statistics "
         f"{'updated' if t.bn_train else 'frozen'} |",
         f"| seed | {t.seed} |",
         "", "## Metrics", "",

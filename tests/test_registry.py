@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard, constants
 from PIL import Image
 from typer.testing import CliRunner
 
-from c2am_cli import C2AM, C2AMConfig, C2AMError, ModelConfig
+from c2am_cli import C2AM, C2AMConfig, C2AMError, ModelConfig, TrainConfig
 from c2am_cli.cli import app
 from c2am_cli.hub import resolve_weights, weights_dir
 from c2am_cli.registry import (REGISTRY_ENV, is_registered, list_registry, load_registry, model_card, pull,
@@ -339,3 +339,14 @@ def test_example_photos_are_small_and_licensed():
         assert f"`{p.name}`" in licences, p.name
         with Image.open(p) as im:
             assert im.format == "JPEG" and min(im.size) >= 256
+
+
+@pytest.mark.parametrize("train, says", [
+    (TrainConfig(freeze_backbone=True), "| backbone | frozen, BatchNorm statistics frozen |"),
+    (TrainConfig(), "| backbone | fine-tuned, BatchNorm statistics frozen |"),
+    (TrainConfig(finetune_levels=1), "| backbone | fine-tuned (last 1 feature level), BatchNorm statistics frozen |"),
+    (TrainConfig(finetune_levels=2, bn_train=True),
+     "| backbone | fine-tuned (last 2 feature levels), BatchNorm statistics updated |"),
+])
+def test_model_card_says_how_much_of_the_backbone_trained(train, says):
+    assert says in model_card(C2AMConfig(train=train)).splitlines()
