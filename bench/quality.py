@@ -243,9 +243,9 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     train_cmd = (f"c2am train ../shared/data/{POOL} --backbone {v.backbone} --backbone-weights {v.backbone_weights} "
                  f"--image-size {v.image_size} --output-stride {v.output_stride} --alpha {v.alpha} --epochs {v.epochs} "
                  f"--batch-size {v.batch_size} {'--freeze-backbone ' if v.freeze_backbone else ''}"
-                 f"--cache-views {v.cache_views} --seed {seed} --out runs/default")
+                 f"--cache-views {v.cache_views} --seed {seed} --out runs/{'head' if v.finetune_epochs else 'default'}")
     if v.finetune_epochs:
-        train_cmd = (f"{train_cmd.replace('runs/default', 'runs/head')}, then c2am train ../shared/data/{POOL} "
+        train_cmd = (f"{train_cmd}, then c2am train ../shared/data/{POOL} "
                      f"--init runs/head --alpha {v.alpha} --epochs {v.finetune_epochs} --batch-size {v.batch_size} "
                      f"--lr {v.finetune_lr:g} {f'--finetune-levels {v.finetune_levels} ' if v.finetune_levels else ''}"
                      f"--seed {seed} --out runs/default")

@@ -163,6 +163,7 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _build(self, mcfg: ModelConfig, tcfg: TrainConfig, init: str | None) -> C2AM:
+        data = {"train_dir": self.image_dir.name, "train_images": len(self.files)}
         if init is not None:
             model = C2AM.from_pretrained(init)
             if model.config.model.backbone != mcfg.backbone:
@@ -170,7 +171,7 @@ class Trainer:
             if tcfg.backbone_weights is None:  # the backbone's lineage: what the weights' own run started from
                 tcfg.backbone_weights = model.config.train.backbone_weights
             model.config.train = tcfg
-            model.config.data = {"train_dir": self.image_dir.name, "train_images": len(self.files), "init": str(init)}
+            model.config.data = {**data, "init": str(init)}
             mc = model.config.model  # a calibration fitted to the old maps no longer holds: `c2am calibrate` again
             if mc.calibration:
                 mc.calibration, mc.calibration_source = (), ""
@@ -198,7 +199,7 @@ class Trainer:
             pc = model.backbone.body.pretrained_cfg or {}  # timm's own normalisation for this backbone
             if "mean" in pc and "std" in pc:
                 model.config.model.mean, model.config.model.std = tuple(pc["mean"]), tuple(pc["std"])
-        model.config.data = {"train_dir": self.image_dir.name, "train_images": len(self.files)}
+        model.config.data = data
         return set_trainable(model, tcfg)
 
     def _load_checkpoint(self, path: Path):
