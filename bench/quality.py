@@ -45,9 +45,12 @@ class Variant:
     freeze_backbone: bool = True
     cache_views: int = 4
     train_on: str = "pool"  # pool: unlabeled_pool; pool+dev: plus the images (never the labels) of the dev sets
+    feature_levels: tuple[int, ...] = (-2, -1)  # the backbone levels the head sees
     finetune_epochs: int = 0  # then fine-tune the backbone (BatchNorm frozen) with the trained head, from it
     finetune_lr: float = 1e-4
     finetune_levels: int = 0  # 0: the whole backbone; K: the stages of its last K feature levels
+    finetune_batch_size: int = 0  # 0: batch_size
+    finetune_augment: str = "crop"  # training views while fine-tuning (data.train_transform)
     scales: tuple[float, ...] = (0.5, 1.0, 1.5)
     flip: bool = True
     edge_radius: float = 0.0
@@ -55,15 +58,21 @@ class Variant:
     boxes_from: str = "map"
 
     def train_key(self, seed: int) -> str:
-        f = dataclasses.asdict(self)
-        keys = [k for k in f if k in TRAIN_FIELDS]
+        """The run folder's name: the training fields (later ones only where they differ from the default)."""
+        f, base = dataclasses.asdict(self), dataclasses.asdict(Variant())
+        keys = [k for k in f if k in TRAIN_FIELDS or (k in LATER_TRAIN_FIELDS and f[k] != base[k])]
         ft = f"-ft={self.finetune_epochs}@{self.finetune_lr:g}" if self.finetune_epochs else ""
-        ft += f"-levels={self.finetune_levels}" if self.finetune_epochs and self.finetune_levels else ""
-        return "-".join(f"{k}={f[k]}" for k in keys).replace("/", "_") + f"-seed={seed}" + ft
+        if self.finetune_epochs:
+            ft += f"-levels={self.finetune_levels}" if self.finetune_levels else ""
+            ft += f"-batch={self.finetune_batch_size}" if self.finetune_batch_size else ""
+            ft += f"-augment={self.finetune_augment}" if self.finetune_augment != "crop" else ""
+        key = "-".join(f"{k}={f[k]}" for k in keys).replace("/", "_").replace(" ", "")
+        return key + f"-seed={seed}" + ft
 
 
 TRAIN_FIELDS = ("backbone", "backbone_weights", "image_size", "output_stride", "alpha", "epochs", "batch_size",
                 "freeze_backbone", "cache_views", "train_on")
+LATER_TRAIN_FIELDS = ("feature_levels",)  # in the run folder's name only where not the default (older names stay)
 HEAD = Variant()  # the head on the frozen backbone (the default until the fine-tuned one below won)
 DEFAULT = dataclasses.replace(HEAD, finetune_epochs=3, finetune_lr=1e-3, finetune_levels=1)  # the embedded default
 GF = dataclasses.replace(HEAD, edge_radius=0.08)  # with the guided filter before calibration: the first sweep's base
@@ -74,6 +83,12 @@ VARIANTS = {
     "ft-levels-2-mask-boxes": dataclasses.replace(DEFAULT, finetune_levels=2, boxes_from="mask"),
     "ft-levels-2-pool+dev": dataclasses.replace(DEFAULT, finetune_levels=2, train_on="pool+dev"),
     "ft-levels-3": dataclasses.replace(DEFAULT, finetune_levels=3),
+    "ft-epochs-5": dataclasses.replace(DEFAULT, finetune_epochs=5),
+    "lite1": dataclasses.replace(DEFAULT, backbone="tf_efficientnet_lite1", backbone_weights="efficientnet-lite1"),
+    "lite2": dataclasses.replace(DEFAULT, backbone="tf_efficientnet_lite2", backbone_weights="efficientnet-lite2"),
+    "ft-batch-64": dataclasses.replace(DEFAULT, finetune_batch_size=64),
+    "ft-strong-augment": dataclasses.replace(DEFAULT, finetune_augment="strong"),
+    "levels-3": dataclasses.replace(DEFAULT, feature_levels=(-3, -2, -1)),
     "ft-whole": dataclasses.replace(DEFAULT, finetune_levels=0),
     "ft-whole-lr1e-4": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_lr=1e-4),
     "ft-whole-lr3e-3": dataclasses.replace(DEFAULT, finetune_levels=0, finetune_lr=3e-3),
@@ -133,11 +148,12 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
     resume = (run / "checkpoint.safetensors").exists()
     if v.finetune_epochs:
         head = trained(dataclasses.replace(v, finetune_epochs=0), seed, runs, device)
-        tcfg = TrainConfig(epochs=v.finetune_epochs, batch_size=v.batch_size, alpha=v.alpha, lr=v.finetune_lr,
-                           finetune_levels=v.finetune_levels, seed=seed)
+        tcfg = TrainConfig(epochs=v.finetune_epochs, batch_size=v.finetune_batch_size or v.batch_size, alpha=v.alpha,
+                           lr=v.finetune_lr, finetune_levels=v.finetune_levels, augment=v.finetune_augment, seed=seed)
         return train(training_folder(v.train_on, runs), run, train_config=tcfg, device=device, resume=resume,
                      init=str(head), progress=False)
-    mcfg = ModelConfig(backbone=v.backbone, image_size=v.image_size, output_stride=v.output_stride or None)
+    mcfg = ModelConfig(backbone=v.backbone, image_size=v.image_size, output_stride=v.output_stride or None,
+                       feature_levels=v.feature_levels)
     tcfg = TrainConfig(epochs=v.epochs, batch_size=v.batch_size, alpha=v.alpha, freeze_backbone=v.freeze_backbone,
                        cache_views=v.cache_views, backbone_weights=v.backbone_weights, seed=seed)
     return train(training_folder(v.train_on, runs), run, mcfg, tcfg, device=device, resume=resume, progress=False)

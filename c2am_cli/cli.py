@@ -66,6 +66,16 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise C2AMError(f"--scales {text!r}: give numbers such as '0.5,1,1.5'") from None
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        levels = ()
+    if not levels:
+        raise C2AMError(f"--feature-levels {text!r}: give timm feature indices such as '-2,-1' or '2,3'")
+    return levels
+
+
 @app.command()
 @friendly
 def train(
@@ -81,6 +91,8 @@ def train(
     momentum: float = typer.Option(0.9, min=0.0, help="SGD momentum; 1e-4 reproduces the authors' code."),
     weight_decay: float = typer.Option(1e-4, min=0.0),
     image_size: int = typer.Option(224, min=32, help="Training crop size (images are resized to size*8/7 first)."),
+    augment: str = typer.Option("crop", help="Training views: crop (the authors': resize, flip, random crop) or strong (+ random scale, colour jitter, grayscale)."),
+    feature_levels: str = typer.Option("-2,-1", help="The backbone's feature levels the head sees (timm out_indices), brought to the finest of them."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the activation head only."),
     finetune_levels: int = typer.Option(0, "--finetune-levels", min=0, help="Partial fine-tuning: train only the backbone stages of its last K feature levels (0: the whole backbone)."),
     cache_views: int = typer.Option(0, min=0, help="With --freeze-backbone: precompute this many augmented views per image (fast, uses memory)."),
@@ -107,8 +119,9 @@ def train(
     from .config import ModelConfig, TrainConfig
     from .train import Trainer
 
-    mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None)
-    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, alpha=alpha, lr=lr, momentum=momentum, weight_decay=weight_decay,
+    mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None,
+                       feature_levels=_levels(feature_levels))
+    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, alpha=alpha, lr=lr, momentum=momentum, weight_decay=weight_decay, augment=augment,
                        freeze_backbone=freeze_backbone, finetune_levels=finetune_levels, cache_views=cache_views, bn_train=bn_train,
                        backbone_weights=backbone_weights, seed=seed, num_workers=workers,
                        local_contrast=local_contrast, sync_bn=sync_bn)

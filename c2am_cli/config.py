@@ -52,6 +52,7 @@ class TrainConfig:
     head_lr_mult: float = 10.0
     poly_power: float = 0.9
     resize: int | None = None  # resize to resize x resize, then random crop; default image_size * 8 / 7
+    augment: str = "crop"  # training views: "crop" (the authors': resize, flip, crop) or "strong" (+ scale, colour)
     freeze_backbone: bool = False
     finetune_levels: int = 0  # fine-tune only the backbone stages of the last K feature levels (0: all of it)
     bn_train: bool = False  # update backbone BatchNorm statistics while training

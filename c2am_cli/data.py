@@ -206,11 +206,22 @@ def to_tensor_normalized(mean, std) -> T.Compose:
     return T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))])
 
 
-def train_transform(image_size: int, resize: int | None, mean, std) -> T.Compose:
-    """The authors' augmentation: resize to resize x resize, random horizontal flip, random crop."""
-    resize = resize or int(round(image_size * 8 / 7))
-    return T.Compose([T.Resize((resize, resize), antialias=True), T.RandomHorizontalFlip(), T.RandomCrop(image_size),
-                      to_tensor_normalized(mean, std)])
+AUGMENTATIONS = ("crop", "strong")
+
+
+def train_transform(image_size: int, resize: int | None, mean, std, augment: str = "crop") -> T.Compose:
+    """Training views. `crop`, the authors' augmentation: resize to resize x resize, random horizontal flip, random
+    crop. `strong`: a random resized crop (35-100 % of the image), flip, colour jitter and grayscale, so that the
+    head cannot tell foreground from background by a fixed colour or scale (MoCo v2's colour settings)."""
+    if augment == "crop":
+        resize = resize or int(round(image_size * 8 / 7))
+        geometry = [T.Resize((resize, resize), antialias=True), T.RandomHorizontalFlip(), T.RandomCrop(image_size)]
+    elif augment == "strong":
+        geometry = [T.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), T.RandomHorizontalFlip(),
+                    T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2)]
+    else:
+        raise C2AMError(f"--augment {augment}: use {' or '.join(AUGMENTATIONS)}")
+    return T.Compose([*geometry, to_tensor_normalized(mean, std)])
 
 
 def eval_transform(image_size: int, mean, std) -> T.Compose:

@@ -31,6 +31,8 @@ class Backbone(nn.Module):
                 self.body = timm.create_model(name, **kwargs)
         except RuntimeError as e:  # timm: unknown model, or no features_only support
             raise C2AMError(f"backbone {name!r}: {e}") from None
+        except IndexError:  # timm: an out_indices entry past the model's levels
+            raise C2AMError(f"backbone {name!r}: feature levels {tuple(feature_levels)} are not all among its levels") from None
         fmt = getattr(self.body, "output_fmt", "NCHW")
         self.nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
         self.channels = int(sum(self.body.feature_info.channels()))

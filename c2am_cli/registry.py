@@ -297,6 +297,7 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         *[f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in data.items()],
         f"| epochs | {t.epochs} |",
         f"| batch size | {t.batch_size} |",
+        f"| augmentation | {t.augment} |",
         f"| alpha (rank-weight decay) | {_fmt(t.alpha)} |",
         f"| optimiser | SGD, lr {_fmt(t.lr)}, momentum {_fmt(t.momentum)}, weight decay {_fmt(t.weight_decay)}, "
         f"head x{_fmt(t.head_lr_mult)}, poly {_fmt(t.poly_power)} |",

@@ -204,6 +204,27 @@ def test_train_and_localize_with_any_timm_backbone(backbone, images, tmp_path):
     assert len(list((tmp_path / "maps").rglob("*.npy"))) == len(SIZES)
 
 
+def test_train_options_for_feature_levels_and_augmentation_are_stored(tmp_path):
+    make_folder(tmp_path / "train", 8, seed=17, size=72)
+    invoke("train", tmp_path / "train", "--backbone", "test_resnet", "--feature-levels", "1,2", "--augment", "strong",
+           "--epochs", 1, "--batch-size", 4, "--image-size", SIZE, "--workers", 0, "--device", "cpu",
+           "--out", tmp_path / "run", "-q")
+    with safe_open(str(tmp_path / "run" / "model.safetensors"), "pt") as f:
+        config = json.loads(f.metadata()["c2am_config"])
+        head = f.get_tensor("head.conv.weight")
+    assert config["model"]["feature_levels"] == [1, 2] and config["train"]["augment"] == "strong"
+    import timm
+
+    channels = timm.create_model("test_resnet", features_only=True, out_indices=(1, 2)).feature_info.channels()
+    assert head.shape == (1, sum(channels), 3, 3)
+    for option, value, message in [("--feature-levels", "a,b", "--feature-levels 'a,b': give timm feature indices such as '-2,-1' or '2,3'"),
+                                   ("--augment", "blur", "--augment blur: use crop or strong")]:
+        result = CliRunner().invoke(app, ["train", str(tmp_path / "train"), "--backbone", "test_resnet", option, value,
+                                          "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "bad"), "-q"])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+        assert result.output.count("\n") == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["train", ".", "--batch-size", "0"], "error: Invalid value for '--batch-size': "),
     (["localize"], "error: Missing argument 'image_dir'. (see c2am localize --help)"),

@@ -39,6 +39,14 @@ def test_unknown_backbone_is_a_clear_error():
         Backbone("no_such_net")
 
 
+def test_three_feature_levels_come_at_the_finest_of_them():
+    bb = Backbone("test_efficientnet", (-3, -2, -1), 16).eval()
+    assert bb.reduction == 8 and bb.channels == sum(bb.body.feature_info.channels())
+    assert bb(torch.randn(1, 3, 64, 64)).shape == (1, bb.channels, 8, 8)
+    with pytest.raises(C2AMError, match=r"feature levels \(7,\) are not all among its levels"):
+        Backbone("test_efficientnet", (7,), 16)
+
+
 def test_embeddings_match_the_formula():
     feats = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
     act = torch.tensor([1.0, 0.0, 0.5, 0.25]).reshape(1, 1, 2, 2).expand(2, 1, 2, 2)

@@ -257,6 +257,7 @@ def test_model_card_states_backbone_data_settings_metrics_usage_and_licence():
     assert "| backbone | `tf_efficientnet_lite0` (timm), initialised from efficientnet-lite0 |" in text
     assert "| train dir | unlabeled_pool |" in text and "| train images | 1234 |" in text
     assert "| epochs | 7 |" in text and "| alpha (rank-weight decay) | 0.05 |" in text
+    assert "| augmentation | crop |" in text
     assert "| data | MaxBoxAccV2 | IoU |" in text
     assert "| ecssd | 0.7123 | 0.55 |" in text and "| sod_bsds300 | 0.61 |  |" in text
     assert "c2am localize ./images --weights hf://me/c2am-lite0" in text

@@ -10,7 +10,7 @@ from torch import nn
 
 from c2am_cli import C2AM, C2AMConfig, ModelConfig, TrainConfig, train
 from c2am_cli.errors import C2AMError
-from c2am_cli.data import ImageFolder, collate, eval_transform
+from c2am_cli.data import ImageFolder, collate, eval_transform, train_transform
 from c2am_cli.train import parameter_groups, poly_lr
 from synthetic import make_folder
 
@@ -52,6 +52,31 @@ def test_frozen_backbone_gives_head_groups_only():
     groups = parameter_groups(model, TrainConfig(freeze_backbone=True))
     assert [g["name"] for g in groups] == ["head_w"]  # the head's conv has no bias; its BatchNorm is in no group
     assert [id(p) for p in groups[0]["params"]] == [id(model.head.conv.weight)]
+
+
+# -- training views -----------------------------------------------------------------------------------
+def test_strong_augmentation_varies_colour_and_scale_where_the_authors_crop_does_not():
+    from PIL import Image
+
+    red = Image.new("RGB", (80, 60), (200, 30, 30))
+    half = Image.fromarray(np.concatenate([np.zeros((60, 40, 3), np.uint8), np.full((60, 40, 3), 255, np.uint8)], 1))
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    crop, strong = train_transform(32, None, mean, std, "crop"), train_transform(32, None, mean, std, "strong")
+    torch.manual_seed(0)
+    crops = torch.stack([crop(red) for _ in range(40)])
+    views = torch.stack([strong(red) for _ in range(40)])
+    assert crops.shape == views.shape == (40, 3, 32, 32)
+    expected = torch.tensor([200, 30, 30]) / 255 * 2 - 1  # (x - 0.5) / 0.5 of the constant colour
+    assert torch.allclose(crops, expected[None, :, None, None].expand_as(crops), atol=1e-6)  # crop keeps colours
+    colours = views.mean(dim=(2, 3))
+    assert colours.std(dim=0).min() > 0.05  # jitter moves every channel
+    gray = (views[:, 0] - views[:, 1]).abs().amax(dim=(1, 2)) < 1e-6
+    assert 0 < int(gray.sum()) < 40  # RandomGrayscale(p=0.2): some views, not all
+    # random scale: the share of the white half varies from view to view (the crop keeps at least 7/8 of each side)
+    white = [float((strong(half)[0] > 0.9).float().mean()) for _ in range(40)]
+    assert max(white) - min(white) > 0.3
+    with pytest.raises(C2AMError, match="--augment blur"):
+        train_transform(32, None, mean, std, "blur")
 
 
 def test_poly_lr_by_hand():
