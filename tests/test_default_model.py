@@ -15,7 +15,7 @@ pytestmark = pytest.mark.realdata
 def test_default_loads_offline_with_its_stored_settings():
     model = C2AM.from_pretrained()
     m = model.config.model
-    assert m.backbone == "tf_efficientnet_lite0" and m.polarity in (-1, 1)
+    assert m.backbone == "tf_efficientnet_lite1" and m.polarity in (-1, 1)
     assert 0 < m.box_threshold < 1 and m.scales == (0.5, 1.0, 1.5) and m.flip
 
 
@@ -36,7 +36,7 @@ def test_default_beats_the_whole_image_box_on_sod(shared_data, tmp_path):
         full = [0, 0, r["width"] - 1, r["height"] - 1]
         hits_c2am += box_iou(np.array(r["boxes"][:1]), np.array(gt)).max() >= 0.5
         hits_full += box_iou(np.array([full]), np.array(gt)).max() >= 0.5
-    # measured: 21/24 for the default at its stored tau; the whole-image box gets 7/24 here
+    # measured: 22/24 for the default at its stored tau; the whole-image box gets 7/24 here
     assert hits_c2am >= hits_full + 8 and hits_c2am >= 17
 
     # the maps it writes are calibrated, CRF-refined foreground probabilities: MAE and IoU at P = 0.5 by hand
@@ -47,5 +47,5 @@ def test_default_beats_the_whole_image_box_on_sod(shared_data, tmp_path):
         p = np.load(tmp_path / "maps" / f"{n}.npy").astype(np.float32)
         mae.append(np.abs(p - truth).mean())
         iou.append(((p >= 0.5) & truth).sum() / max(((p >= 0.5) | truth).sum(), 1))
-    # measured on these 24: MAE 0.094, mean IoU 0.63 (EigenCAM's MAE on all 150 SOD images: 0.267)
+    # measured on these 24: MAE 0.083, mean IoU 0.70 (EigenCAM's MAE on all 150 SOD images: 0.267)
     assert np.mean(mae) < 0.2 and np.mean(iou) > 0.5
