@@ -31,12 +31,12 @@ TAUS = np.round(np.arange(0.0, 1.0, 0.01), 2)
 
 def set_maps(weights: str, device: str) -> dict:
     """Per set: a list of (map at image size, min-max normalised; ground-truth boxes)."""
-    import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
     from c2am_cli.boxes import normalize_map
     from c2am_cli.data import ImageFolder, collate, eval_transform
     from c2am_cli.datasets import load_dataset
+    from c2am_cli.edges import full_size_map
     from c2am_cli.infer import Localizer
 
     loc = Localizer(weights, device=device, num_workers=0)
@@ -51,21 +51,18 @@ def set_maps(weights: str, device: str) -> dict:
         for batch in DataLoader(images, batch_size=32, collate_fn=collate):
             maps = loc.maps(batch.images)
             for j, i in enumerate(batch.indices):
-                w, h = gts[i].size
-                full = F.interpolate(maps[j][None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                rows[i] = (normalize_map(full.clamp(0, 1).cpu().numpy()), np.asarray(gts[i].boxes))
+                rows[i] = (normalize_map(full_size_map(maps[j], gts[i].size)), np.asarray(gts[i].boxes))
         out[key] = rows
         print(f"  maps: {key} ({len(rows)})", flush=True)
     return out
 
 
 def hits(fm: np.ndarray, gt: np.ndarray, taus) -> np.ndarray:
-    """Per tau: does the largest contour's box (wsolevaluation's mining) reach IoU 0.5 with a ground-truth box?"""
-    from c2am_cli.boxes import binarize, contour_boxes
-    from c2am_cli.metrics import box_iou
+    """Per tau: does the largest contour's box (wsolevaluation's mining, as `c2am eval`) reach IoU 0.5 with a
+    ground-truth box?"""
+    from c2am_cli.metrics import box_iou, sweep_boxes
 
-    boxes = np.array([contour_boxes(binarize(fm, t))[0] for t in taus])
-    return box_iou(boxes, gt).max(axis=1) >= 0.5
+    return box_iou(sweep_boxes(fm, taus).largest, gt).max(axis=1) >= 0.5
 
 
 RULES = {  # name: (parameter grid, tau of a map for parameter k)

@@ -312,11 +312,16 @@ class Trainer:
         images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else images
 
+    def _train_images(self) -> ImageFolder:
+        """The training folder through the configured augmentation (data.train_transform)."""
+        m = self.model.config.model
+        return ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std,
+                                                                        self.cfg.augment), self.max_pixels)
+
     @torch.no_grad()
     def _feature_cache(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Frozen backbone: features of `cache_views` augmented views of every image, computed once (fp16)."""
-        m = self.model.config.model
-        ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std, self.cfg.augment), self.max_pixels)
+        ds = self._train_images()
         feats, owners, views = [], [], []
         for view in range(self.cfg.cache_views):
             torch.manual_seed(self.cfg.seed * 100_003 - 1 - view)  # the augmentation, with --workers 0
@@ -407,7 +412,7 @@ class Trainer:
         if cached:
             feats, owners, views = self._feature_cache()
         else:
-            ds = ImageFolder(self.image_dir, self.files, train_transform(m.image_size, self.cfg.resize, m.mean, m.std, self.cfg.augment), self.max_pixels)
+            ds = self._train_images()
         steps_per_epoch = len(self.files) // self.world // self.cfg.batch_size  # batch_size is per process
         if steps_per_epoch == 0:
             per = f" per process x {self.world} processes" if self.world > 1 else ""
