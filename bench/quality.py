@@ -80,6 +80,9 @@ GF = dataclasses.replace(HEAD, edge_radius=0.08)  # with the guided filter befor
 VARIANTS = {
     "default": DEFAULT,
     "lite0": LITE0,
+    "default-mask-boxes": dataclasses.replace(DEFAULT, boxes_from="mask"),
+    "default-ft-levels-2": dataclasses.replace(DEFAULT, finetune_levels=2),
+    "default-ft-levels-2-mask-boxes": dataclasses.replace(DEFAULT, finetune_levels=2, boxes_from="mask"),
     "mask-boxes": dataclasses.replace(LITE0, boxes_from="mask"),
     "ft-levels-2": dataclasses.replace(LITE0, finetune_levels=2),
     "ft-levels-2-mask-boxes": dataclasses.replace(LITE0, finetune_levels=2, boxes_from="mask"),
