@@ -83,6 +83,7 @@ VARIANTS = {
     "default-mask-boxes": dataclasses.replace(DEFAULT, boxes_from="mask"),
     "default-ft-levels-2": dataclasses.replace(DEFAULT, finetune_levels=2),
     "default-ft-levels-2-mask-boxes": dataclasses.replace(DEFAULT, finetune_levels=2, boxes_from="mask"),
+    "default-head-epochs-20": dataclasses.replace(DEFAULT, epochs=20),
     "mask-boxes": dataclasses.replace(LITE0, boxes_from="mask"),
     "ft-levels-2": dataclasses.replace(LITE0, finetune_levels=2),
     "ft-levels-2-mask-boxes": dataclasses.replace(LITE0, finetune_levels=2, boxes_from="mask"),
