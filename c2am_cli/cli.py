@@ -57,23 +57,21 @@ def _main(
     _state["debug"] = debug
 
 
-def _floats(text: str | None) -> tuple[float, ...] | None:
+def _numbers(text: str | None, cast, option: str, example: str, required: bool = False) -> tuple | None:
+    """A comma- or space-separated list of numbers from the command line (None stays None)."""
     if text is None:
         return None
     try:
-        return tuple(float(t) for t in text.replace(",", " ").split())
+        values = tuple(cast(t) for t in text.replace(",", " ").split())
     except ValueError:
-        raise C2AMError(f"--scales {text!r}: give numbers such as '0.5,1,1.5'") from None
+        values = None
+    if values is None or (required and not values):
+        raise C2AMError(f"{option} {text!r}: give {example}")
+    return values
 
 
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        levels = ()
-    if not levels:
-        raise C2AMError(f"--feature-levels {text!r}: give timm feature indices such as '-2,-1' or '2,3'")
-    return levels
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    return _numbers(text, float, "--scales", "numbers such as '0.5,1,1.5'")
 
 
 @app.command()
@@ -120,7 +118,7 @@ def train(
     from .train import Trainer
 
     mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None,
-                       feature_levels=_levels(feature_levels))
+                       feature_levels=_numbers(feature_levels, int, "--feature-levels", "timm feature indices such as '-2,-1' or '2,3'", required=True))
     tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, alpha=alpha, lr=lr, momentum=momentum, weight_decay=weight_decay, augment=augment,
                        freeze_backbone=freeze_backbone, finetune_levels=finetune_levels, cache_views=cache_views, bn_train=bn_train,
                        backbone_weights=backbone_weights, seed=seed, num_workers=workers,
