@@ -73,7 +73,7 @@ class CalibrationReport:
     crf_iterations: int
     crf_bilateral: tuple[float, float, float]
     box_threshold: float
-    maxf: dict[str, float] = field(default_factory=dict)  # CRF setting -> max F-beta on the calibration images
+    maxf: dict[str, float] = field(default_factory=dict)  # CRF setting -> maxF (per-image F-beta) on the calibration images
     failed: list[dict] = field(default_factory=list)
 
 
@@ -154,7 +154,7 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
             acc.add(p, mask)
             refined.append(p)
         label = "no CRF" if not iterations else f"CRF {iterations} it, bilateral {bilateral[0]:g}/{bilateral[1]:g}/{bilateral[2]:g}"
-        scores[label] = round(float(acc.fmeasure_curve()["F"].max()), 2)
+        scores[label] = round(float(acc.fmeasure_curve()["F"].max()), 2)  # maxF: per-image F-beta, averaged
         if best is None or scores[label] > best[0]:
             best = (scores[label], iterations, bilateral, refined)
     mc.calibration, mc.crf_iterations, mc.crf_bilateral = knots, best[1], tuple(best[2])

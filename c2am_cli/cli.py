@@ -344,7 +344,7 @@ def calibrate(
                                   scales=_floats(scales), flip=flip, edge_radius=edge_radius, device=device, batch_size=batch_size, num_workers=workers, progress=not quiet)
     path = model.save(out, dtype=torch.float16 if half else None)
     for name, f in report.maxf.items():
-        typer.echo(f"  {name:40s} maxF {f:.2f}")
+        typer.echo(f"  {name:40s} maxF {f:.2f} (mean of per-image F-beta)")
     typer.echo(f"calibrated on {report.where}: CRF {report.crf_iterations} iterations, box tau {report.box_threshold:g}, "
                f"P(fg) {report.knots[0]:.2f} .. {report.knots[-1]:.2f}; {len(report.failed)} failed")
     typer.echo(f"wrote {path}")

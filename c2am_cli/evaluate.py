@@ -16,10 +16,19 @@ from tqdm.auto import tqdm
 from .boxes import normalize_map
 from .datasets import IGNORE, EvalSet, Item, read_label_png
 from .errors import C2AMError, ImageError
-from .metrics import (IOU_THRESHOLDS, RESIZE, BoxAccumulator, MaskAccumulator, best_index, calibration_split,
+from .metrics import (FBETA2, IOU_THRESHOLDS, RESIZE, BoxAccumulator, MaskAccumulator, best_index, calibration_split,
                       cam_thresholds, foreground_confusion, max_box_acc, miou_from_confusion, semantic_confusion, topk_loc)
 
 BASELINES = ("full", "center")
+YARDSTICKS = {  # what each saliency number means, written into metrics.json and the terminal table
+    "maxF": "max over 256 thresholds of the mean over images of each image's F-beta (beta^2 = 0.3; TokenCut, "
+            "SelfMask, FOUND, pysodmetrics)",
+    "maxF_meanPR": "max over 256 thresholds of F-beta of the mean precision and mean recall (the SOD toolbox)",
+    "meanF": "mean over the 256 thresholds of the maxF curve (pysodmetrics' mean F-measure)",
+    "F": "each image's F-beta at the chosen tau, averaged over images",
+    "IoU@0.5": "TokenCut's IoU: map > 0.5 against the mask, averaged over images",
+    "Acc@0.5": "TokenCut's accuracy: pixels where map > 0.5 agrees with the mask, averaged over images",
+}
 
 
 # -- map sources --------------------------------------------------------------------------------------------------
@@ -495,13 +504,14 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
     if masks is not None:
         mc = masks.iou_curves(ev)
         fcurve = _f_at_tau(masks, ev)
-        tb = masks.fmeasure_curve(ev)
+        tb, tb_pr = masks.fmeasure_curve(ev), masks.fmeasure_curve(ev, per_image=False)
         keep = {"fgIoU": "dsIoU", "bgIoU": "bgIoU", "mIoU2": "mIoU2"} if dataset.task == "semantic" else \
             {"mIoU": "mIoU", "dsIoU": "dsIoU"}
         report.curves.update({k: mc[v].tolist() for k, v in keep.items()})
         if dataset.task != "semantic":
             report.curves["F@tau"] = fcurve.tolist()
-        report.curves["toolbox"] = {"threshold": (np.arange(256) / 255).tolist(), **{k: v.tolist() for k, v in tb.items()}}
+        report.curves["fmeasure"] = {"threshold": (np.arange(256) / 255).tolist(), **{k: v.tolist() for k, v in tb.items()},
+                                     "F_meanPR": tb_pr["F"].tolist()}
         names = ("mIoU2", "dsIoU", "bgIoU") if dataset.task == "semantic" else ("mIoU", "dsIoU")
         if dataset.task == "semantic":
             b = best_index(mc["mIoU2"])
@@ -512,8 +522,13 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
                 report.oracle[n] = float(np.max(mc[n]))
                 report.extra["oracle_tau"][n] = taus[best_index(mc[n])]
             report.oracle["maxF"] = float(np.max(tb["F"]))
+            report.oracle["maxF_meanPR"] = float(np.max(tb_pr["F"]))
             report.extra["oracle_tau"]["maxF"] = round(best_index(tb["F"]) / 255, 4)
+            report.extra["oracle_tau"]["maxF_meanPR"] = round(best_index(tb_pr["F"]) / 255, 4)
+            report.threshold_free["meanF"] = float(np.mean(tb["F"]))
             report.threshold_free["MAE"] = masks.mae(ev)
+            report.threshold_free.update(masks.at_half(ev))
+            report.extra["yardsticks"] = YARDSTICKS
         report.threshold_free["PxAP"] = masks.pxap(ev)
         if protocol.mode == "calibrated":
             cm, cf = masks.iou_curves(cal), _f_at_tau(masks, cal)
@@ -540,12 +555,13 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
 
 
 def _f_at_tau(acc: MaskAccumulator, idx) -> np.ndarray:
-    """F-beta (beta^2 = 0.3, %) at every tau of the box rule, precision and recall averaged over images."""
+    """F-beta (beta^2 = 0.3, %) at every tau of the box rule: each image's F-beta, averaged over images (the maxF
+    yardstick at one threshold)."""
     tp, fp, fn, _ = (a.astype(np.float64) for a in acc._confusion(idx))
     with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.nan_to_num(tp / (tp + fp)).mean(0)
-        r = np.nan_to_num(tp / (tp + fn)).mean(0)
-        return np.nan_to_num(1.3 * p * r / (0.3 * p + r)) * 100
+        p = np.nan_to_num(tp / (tp + fp))
+        r = np.nan_to_num(tp / (tp + fn))
+        return np.nan_to_num((1 + FBETA2) * p * r / (FBETA2 * p + r)).mean(0) * 100
 
 
 def evaluate_semantic(dataset: EvalSet, masks_dir, *, split: str | None = None, strict: bool = False,
@@ -631,6 +647,9 @@ def format_table(report: Report) -> str:
     for name, v, t, kind in rows:
         value = "n/a" if v is None else (f"{v:.3f}" if name == "MAE" else f"{v:.2f}")
         lines.append(f"{name.ljust(width)}  {value:>8}  {'' if t is None else f'{t:.2f}':>5}  {kind}")
+    if d.get("yardsticks"):
+        lines.append("")
+        lines += [f"{k}: {v}" for k, v in d["yardsticks"].items()]
     if d.get("per_class"):
         lines.append("")
         lines.append("per class   IoU     FP     FN")

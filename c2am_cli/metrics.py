@@ -1,5 +1,6 @@
-"""Box, mask and semantic-segmentation metrics, defined exactly as clovaai/wsolevaluation, the SOD benchmark toolbox
-and the PASCAL VOC convention define them; every threshold sweep is vectorised over all thresholds at once.
+"""Box, mask and semantic-segmentation metrics, defined exactly as clovaai/wsolevaluation, the saliency papers
+(TokenCut, SelfMask, FOUND and pysodmetrics for maxF; the SOD benchmark toolbox for maxF_meanPR) and the PASCAL VOC
+convention define them; every threshold sweep is vectorised over all thresholds at once.
 
 Accumulators keep per-image curves, so that a threshold can be chosen on some images (calibration) and the metrics
 reported on the others. Nothing here reads files or runs a model.
@@ -17,6 +18,7 @@ RESIZE = 224  # wsolevaluation squashes every image to 224 x 224 for its box met
 PXAP_INTERVAL = 0.001  # PxAP's score bins: wsolevaluation's evaluate_wsol default (cam_curve_interval=.001)
 IOU_THRESHOLDS = (30, 50, 70)  # MaxBoxAccV2's deltas, in percent
 FBETA2 = 0.3  # beta^2 of the saliency F-measure
+MASK_THRESHOLD = 0.5  # TokenCut's IoU and accuracy binarise a probability map at 0.5
 
 
 def cam_thresholds(interval: float = 0.01) -> np.ndarray:
@@ -205,11 +207,13 @@ def topk_loc(correct_box: np.ndarray, labels, predictions, k: int) -> float:
 
 class MaskAccumulator:
     """Per-image statistics of a map against a binary mask (0 background, 1 foreground, 255 ignore), from which
-    IoU at every tau, the SOD toolbox's F-measure curve, MAE and wsolevaluation's PxAP follow for any image subset.
+    IoU at every tau, the F-measure curves, MAE, TokenCut's IoU and accuracy at 0.5 and wsolevaluation's PxAP follow
+    for any image subset.
 
     Binarisation at tau is the box rule, uint8(map * 255) > int(tau * max), so one tau means one foreground for
-    boxes and masks. The F-measure follows the SOD toolbox: map / max, 256 thresholds k/255 (pixel >= k/255),
-    precision and recall per image (0/0 -> 0), averaged over images, F = 1.3 P R / (0.3 P + R), max over k.
+    boxes and masks. The F-measure sees map / max at 256 thresholds k/255 (pixel >= k/255) with precision and recall
+    per image (0/0 -> 0, beta^2 = 0.3); `fmeasure_curve` averages either each image's F-beta (maxF, the yardstick of
+    TokenCut, SelfMask, FOUND and pysodmetrics) or its precision and recall (maxF_meanPR, the SOD toolbox's).
     """
 
     def __init__(self, thresholds=None, pxap_interval: float = PXAP_INTERVAL):
@@ -219,6 +223,7 @@ class MaskAccumulator:
         self._ffg, self._fbg = [], []  # the same for uint8(map / max * 255): the toolbox's F-measure view
         self._pfg, self._pbg = [], []  # PxAP histograms over self.edges
         self._mae = []
+        self._half = []  # TP, FP, FN, TN of map > 0.5 (TokenCut's IoU and accuracy)
 
     def __len__(self) -> int:
         return len(self._mae)
@@ -244,6 +249,8 @@ class MaskAccumulator:
         self._fbg.append(np.bincount(f8[bg], minlength=256))
         self._pfg.append(np.histogram(m[fg], bins=self.edges)[0])
         self._pbg.append(np.histogram(m[bg], bins=self.edges)[0])
+        half = m > MASK_THRESHOLD
+        self._half.append((int((half & fg).sum()), int((half & bg).sum()), int((~half & fg).sum()), int((~half & bg).sum())))
         n = int(valid.sum())
         self._mae.append(float(np.abs(m[valid] - fg[valid]).sum() / n) if n else float("nan"))
 
@@ -272,8 +279,13 @@ class MaskAccumulator:
         return {"mIoU": per_image.mean(0) * 100, "dsIoU": fg_iou * 100, "bgIoU": bg_iou * 100,
                 "mIoU2": (fg_iou + bg_iou) / 2 * 100}
 
-    def fmeasure_curve(self, idx=None) -> dict[str, np.ndarray]:
-        """The SOD toolbox's image-averaged precision and recall, and F-beta, at thresholds k/255, k = 0..255."""
+    def fmeasure_curve(self, idx=None, per_image: bool = True) -> dict[str, np.ndarray]:
+        """Precision, recall (averaged over images) and F-beta (%) at thresholds k/255, k = 0..255.
+
+        per_image=True: the mean over images of each image's F-beta (maxF = its max, meanF = its mean; TokenCut's
+        metric.py, pysodmetrics' Fmeasure). per_image=False: F-beta of the mean precision and mean recall (the SOD
+        toolbox; maxF_meanPR = its max, never lower than maxF).
+        """
         sel = slice(None) if idx is None else np.asarray(idx, dtype=np.int64)
         fg, bg = np.asarray(self._ffg, dtype=np.float64)[sel], np.asarray(self._fbg, dtype=np.float64)[sel]
         tp = np.cumsum(fg[:, ::-1], axis=1)[:, ::-1]  # pixels >= k
@@ -283,9 +295,18 @@ class MaskAccumulator:
             precision = np.nan_to_num(tp / (tp + fp))
             recall = np.nan_to_num(tp / npos)
         p, r = precision.mean(0), recall.mean(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            f = np.nan_to_num((1 + FBETA2) * p * r / (FBETA2 * p + r))
+        f = _fbeta(precision, recall).mean(0) if per_image else _fbeta(p, r)
         return {"precision": p * 100, "recall": r * 100, "F": f * 100}
+
+    def at_half(self, idx=None) -> dict[str, float]:
+        """TokenCut's IoU and accuracy (%) of map > 0.5, averaged over images (an empty union counts IoU 1)."""
+        sel = slice(None) if idx is None else np.asarray(idx, dtype=np.int64)
+        tp, fp, fn, tn = np.asarray(self._half, dtype=np.float64).reshape(-1, 4)[sel].T
+        union, total = tp + fp + fn, tp + fp + fn + tn
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1), 1.0)
+        acc = np.where(total > 0, (tp + tn) / np.where(total > 0, total, 1), np.nan)
+        return {"IoU@0.5": float(iou.mean() * 100) if len(iou) else float("nan"),
+                "Acc@0.5": float(np.nanmean(acc) * 100) if np.isfinite(acc).any() else float("nan")}
 
     def mae(self, idx=None) -> float:
         vals = np.asarray(self._mae)[slice(None) if idx is None else np.asarray(idx, dtype=np.int64)]
@@ -295,6 +316,12 @@ class MaskAccumulator:
         """wsolevaluation's PxAP (%): pixel precision-recall over all pixels of all images, AP = sum P * dR."""
         sel = slice(None) if idx is None else np.asarray(idx, dtype=np.int64)
         return pxap_from_histograms(np.asarray(self._pfg)[sel].sum(0), np.asarray(self._pbg)[sel].sum(0))
+
+
+def _fbeta(p: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """F-beta (beta^2 = 0.3) of precision and recall in [0, 1]; 0 where both are 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.nan_to_num((1 + FBETA2) * p * r / (FBETA2 * p + r))
 
 
 def pxap_from_histograms(fg_hist: np.ndarray, bg_hist: np.ndarray) -> float:
