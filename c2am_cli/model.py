@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,15 @@ METADATA_KEY = "c2am_config"
 
 
 class Backbone(nn.Module):
-    """Any timm model as one (N, C, H, W) feature map: its chosen levels, at the finest resolution."""
+    """Any timm model as one (N, C, H, W) feature map: its chosen levels, at the finest resolution.
+
+    Vision transformers (timm's FeatureGetterNet over forward_intermediates) take no output_stride and are built with
+    dynamic_img_size, so any multiple of the patch size p works. Their feature levels are out_indices over the blocks
+    (vit_small_patch14_dinov2: 12 blocks of 384 channels, -1 = the last block, (-2, -1) = blocks 10 and 11, taken
+    before the final norm); tokens become maps by dropping the prefix (cls, register) tokens and reshaping to
+    (N, C, H/p, W/p). Inputs that are not multiples of p (multi-scale inference makes them) are resized (bilinear) to
+    the nearest multiples first; `patch_size` is None for backbones without a patch embedding.
+    """
 
     def __init__(self, name: str, feature_levels=(-2, -1), output_stride: int | None = 16, pretrained: bool = False):
         super().__init__()
@@ -28,17 +37,25 @@ class Backbone(nn.Module):
             except TypeError:  # this architecture has no output_stride: keep its native strides
                 self.body = None
             if self.body is None:
-                self.body = timm.create_model(name, **kwargs)
+                try:  # vision transformers: any multiple of the patch size, position embeddings resampled by timm
+                    self.body = timm.create_model(name, dynamic_img_size=True, **kwargs)
+                except TypeError:
+                    self.body = timm.create_model(name, **kwargs)
         except RuntimeError as e:  # timm: unknown model, or no features_only support
             raise C2AMError(f"backbone {name!r}: {e}") from None
-        except IndexError:  # timm: an out_indices entry past the model's levels
+        except (IndexError, AssertionError):  # timm: an out_indices entry past the model's levels (ViTs: an assert)
             raise C2AMError(f"backbone {name!r}: feature levels {tuple(feature_levels)} are not all among its levels") from None
         fmt = getattr(self.body, "output_fmt", "NCHW")
         self.nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
         self.channels = int(sum(self.body.feature_info.channels()))
         self.reduction = int(min(self.body.feature_info.reduction()))
+        embed = getattr(getattr(self.body, "model", self.body), "patch_embed", None)
+        patch = getattr(embed, "patch_size", None)
+        self.patch_size: tuple[int, int] | None = (int(patch[0]), int(patch[1])) if patch is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.patch_size is not None:
+            x = to_patch_multiple(x, self.patch_size)
         feats = self.body(x)
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
@@ -49,8 +66,13 @@ class Backbone(nn.Module):
     def freeze_before_level(self, levels: int) -> int:
         """Partial fine-tuning: freeze every module up to the one that outputs feature level -(levels + 1) (timm's
         feature_info names it; modules come in forward order), so the stages of the last `levels` levels train.
-        Returns how many parameter tensors were frozen."""
-        modules = [i["module"] for i in self.body.feature_info.info]
+        For vision transformers a level is a block: K trains the last K blocks. Returns how many parameter tensors
+        were frozen."""
+        present = [f".{n}." for n, _ in self.body.named_modules()]
+        modules = []  # the levels' modules that exist: timm prunes ViT blocks past the last level, and names the
+        for info in self.body.feature_info.info:  # children of flattened Sequentials with '_' for '.'
+            found = [m for m in dict.fromkeys((info["module"], info["module"].replace(".", "_"))) if any(f".{m}." in n for n in present)]
+            modules += found[:1]
         if not 0 < levels < len(modules):
             raise C2AMError(f"--finetune-levels {levels}: this backbone has {len(modules)} feature levels "
                             f"(use 1..{len(modules) - 1}, or 0 for the whole backbone)")
@@ -79,6 +101,24 @@ class Backbone(nn.Module):
         if missing:
             raise C2AMError(f"backbone weights do not fit this backbone: {len(missing)} tensors missing or of another shape (first: {missing[0]})")
         self.body.load_state_dict(picked)
+
+
+def to_patch_multiple(x: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """Resize (bilinear) an (N, C, H, W) batch to the nearest multiples of the patch size (at least one patch)."""
+    h, w = x.shape[-2:]
+    size = (max(patch[0], int(h / patch[0] + 0.5) * patch[0]), max(patch[1], int(w / patch[1] + 0.5) * patch[1]))
+    return x if size == (h, w) else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def check_image_size(image_size: int, backbone: str, patch: tuple[int, int] | None) -> None:
+    """A C2AMError unless image_size is a multiple of the backbone's patch size (naming the nearest valid sizes)."""
+    if patch is None or (image_size % patch[0] == 0 and image_size % patch[1] == 0):
+        return
+    p = patch[0] * patch[1] // math.gcd(*patch)
+    lo, hi = image_size // p * p, (image_size // p + 1) * p
+    nearest = f"{lo} or {hi}" if lo else f"{hi}"
+    raise C2AMError(f"--image-size {image_size}: backbone {backbone} takes multiples of its patch size {patch[0]} "
+                    f"(nearest: {nearest})")
 
 
 class ActivationHead(nn.Module):
@@ -120,6 +160,7 @@ class C2AM(nn.Module):
         self.config = config or C2AMConfig()
         m = self.config.model
         self.backbone = Backbone(m.backbone, m.feature_levels, m.output_stride, pretrained=pretrained)
+        check_image_size(m.image_size, m.backbone, self.backbone.patch_size)
         self.head = ActivationHead(self.backbone.channels)
 
     # -- training view -------------------------------------------------------------------

