@@ -135,16 +135,17 @@ class LostResult:
 
 
 def lost(features, grid: tuple[int, int], k: int = 100) -> LostResult:
-    """LOST: the seed is the patch with the fewest positive correlations (raw dot products of the key features);
-    the k lowest-degree patches positively correlated with the seed are its expansion; the object is the
-    connected component holding the seed of {patches whose summed correlation with the expansion is > 0}."""
+    """LOST (valeoai/LOST object_discovery.py): the seed is the patch with the fewest positive correlations with
+    the other patches (raw dot products of the key features, no normalisation); among the k lowest-degree patches,
+    those positively correlated with the seed are its expansion; the object is the 4-connected component holding
+    the seed of {patches whose summed correlation with the expansion is > 0}."""
     f = _as_numpy(features)
     h, w = int(grid[0]), int(grid[1])
     if f.shape[0] != h * w:
         raise ValueError(f"{f.shape[0]} features for a {h}x{w} grid")
     a = f @ f.T
-    degree = (a > 0).sum(axis=1)
-    order = np.argsort(degree, kind="stable")
+    degree = (a > 0).sum(axis=1) - (np.diag(a) > 0)  # positive correlations with the other patches
+    order = np.argsort(degree, kind="stable")  # ties: the first patch in row-major order
     seed = int(order[0])
     candidates = order[:k]
     similar = candidates[a[seed, candidates] > 0]

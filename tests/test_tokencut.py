@@ -100,6 +100,14 @@ def test_ncut_matches_dense_normalized_laplacian(binary_graph):
     np.testing.assert_array_equal(res.bipartition.ravel(), got > got.mean())
 
 
+def test_ncut_on_identical_features_still_gives_an_object():
+    """A blank image: every patch alike; the cut is arbitrary but the result must stay well-formed."""
+    res = tc.ncut(np.ones((4 * 6, 8)), (4, 6))
+    assert res.object_mask[res.seed] and res.bipartition[res.seed]
+    x1, y1, x2, y2 = res.box
+    assert 0 <= x1 < x2 <= 6 and 0 <= y1 < y2 <= 4
+
+
 def test_ncut_rejects_a_wrong_grid():
     with pytest.raises(ValueError):
         tc.ncut(np.ones((10, 4)), (3, 3))
@@ -145,6 +153,44 @@ def test_bilateral_solver_snaps_a_misaligned_mask_to_the_edge(blur):
     assert out.min() > -0.05 and out.max() < 1.05
     before, after = iou(target > 0.5, truth), iou(out > 0.5, truth)
     assert before < 0.85 and after > 0.95
+
+
+def test_bilateral_solver_matches_tokencut_reference_values():
+    """Values produced by TokenCut's own bilateral_solver.py (bilateral_solver_output with sigmas 16, 16, 8) on this
+    deterministic image and mask; our solver agreed with it to 1e-14 everywhere."""
+    yy, xx = np.mgrid[:40, :56]
+    img = np.stack([(xx * 4) % 256, (yy * 6) % 256, ((xx + yy) * 3) % 256], -1).astype(np.uint8)
+    mask = ((xx - 25) ** 2 / 300 + (yy - 18) ** 2 / 150 < 1).astype(float)
+    expected = np.array([[0.258749, 0.29277, 0.323124, 0.168414, 0.095452, 0.060248],
+                         [0.269901, 0.305011, 0.498426, 0.394512, 0.156575, 0.076343],
+                         [0.314358, 0.474856, 0.630512, 0.508169, 0.275374, 0.139338],
+                         [0.194455, 0.347404, 0.585044, 0.56169, 0.268762, 0.177227],
+                         [0.083651, 0.142877, 0.265127, 0.271504, 0.235182, 0.0]])
+    out = tc.bilateral_solver_output(img, mask)
+    np.testing.assert_allclose(out.soft[::8, ::11], expected, atol=2e-6)
+    assert out.soft.sum() == pytest.approx(673.925556, abs=1e-5)
+    assert out.accepted and out.binary.sum() == 373
+
+
+def test_bilateral_grid_structure_by_brute_force():
+    """S puts each pixel on the vertex of its (x, y, Y, U, V) cell; B = 10 on the diagonal + 1 per lattice
+    neighbour (cells one step apart along exactly one axis)."""
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)
+    img[:, 5:] = img[:, :1]  # repeated colours: cells with several pixels
+    grid = tc._BilateralGrid(img, 4, 64, 64)
+    yuv = img.astype(float) @ tc._RGB_TO_YUV.T + tc._YUV_OFFSET
+    yy, xx = np.mgrid[:9, :11]
+    cells = np.stack([xx // 4, yy // 4, (yuv[..., 0] / 64).astype(int), (yuv[..., 1] / 64).astype(int),
+                      (yuv[..., 2] / 64).astype(int)], -1).reshape(-1, 5)
+    s = grid.S.toarray()
+    assert (s.sum(axis=0) == 1).all()
+    vertex = s.argmax(axis=0)
+    same_cell = (cells[:, None] == cells[None]).all(-1)
+    np.testing.assert_array_equal(same_cell, vertex[:, None] == vertex[None])
+    vcells = np.array([cells[np.flatnonzero(vertex == v)[0]] for v in range(grid.nvertices)])
+    dist = np.abs(vcells[:, None] - vcells[None]).sum(-1)
+    np.testing.assert_array_equal(grid.B.toarray(), np.where(dist == 0, 10.0, (dist == 1).astype(float)))
 
 
 def test_bilateral_solver_keeps_a_constant():
@@ -223,6 +269,14 @@ def test_predict_with_bilateral_solver_and_short_side():
     assert res.mask.shape == (37, 50) and res.mask.dtype == np.float32
     assert res.mask.min() >= 0.0 and res.mask.max() <= 1.0
     assert isinstance(res.solver_accepted, bool)
+
+
+def test_from_timm_builds_a_working_predictor():
+    pred = tc.TokenCut.from_timm("vit_tiny_patch16_224", pretrained=False, image_size=64)
+    assert pred.patch == (16, 16) and pred.settings()["image_size"] == 64
+    res = pred.predict(np.random.default_rng(1).integers(0, 255, (37, 50, 3), dtype=np.uint8))
+    assert res.ncut.eigvec.shape == (4, 5)  # 37 x 50 -> 64 x 86 -> 64 x 80
+    assert res.mask.shape == (37, 50)
 
 
 def test_map_source_yields_maps_at_each_size():
