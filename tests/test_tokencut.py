@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from c2am_cli import bilateral
 from c2am_cli import tokencut as tc
 
 H, W = 12, 12
@@ -178,8 +179,8 @@ def test_bilateral_grid_structure_by_brute_force():
     rng = np.random.default_rng(5)
     img = rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)
     img[:, 5:] = img[:, :1]  # repeated colours: cells with several pixels
-    grid = tc._BilateralGrid(img, 4, 64, 64)
-    yuv = img.astype(float) @ tc._RGB_TO_YUV.T + tc._YUV_OFFSET
+    grid = bilateral._BilateralGrid(img, 4, 64, 64)
+    yuv = img.astype(float) @ bilateral._RGB_TO_YUV.T + bilateral._YUV_OFFSET
     yy, xx = np.mgrid[:9, :11]
     cells = np.stack([xx // 4, yy // 4, (yuv[..., 0] / 64).astype(int), (yuv[..., 1] / 64).astype(int),
                       (yuv[..., 2] / 64).astype(int)], -1).reshape(-1, 5)
@@ -271,8 +272,8 @@ def test_predict_with_bilateral_solver_and_short_side():
     assert isinstance(res.solver_accepted, bool)
 
 
-def test_from_timm_builds_a_working_predictor():
-    pred = tc.TokenCut.from_timm("vit_tiny_patch16_224", pretrained=False, image_size=64)
+def test_from_backbone_builds_a_working_predictor():
+    pred = tc.TokenCut.from_backbone("vit_tiny_patch16_224", weights=None, image_size=64)
     assert pred.patch == (16, 16) and pred.settings()["image_size"] == 64
     res = pred.predict(np.random.default_rng(1).integers(0, 255, (37, 50, 3), dtype=np.uint8))
     assert res.ncut.eigvec.shape == (4, 5)  # 37 x 50 -> 64 x 86 -> 64 x 80
