@@ -276,21 +276,23 @@ LICENCE_NOTE = (
     "(research use). Use them for research and evaluation; train your own for commercial work.")
 CUE_THRESHOLD = 0.72  # `c2am refine`'s cue threshold (no CRF, its default), chosen on voc2012_seg_subset's train ids
 METRIC_NAMES = {"GT-known Loc": "GT-known Loc", "CorLoc": "CorLoc", "oracle MaxBoxAccV2": "MaxBoxAccV2",
-                "oracle maxF": "maxF", "oracle maxF_meanPR": "maxF_meanPR", "mIoU": "mIoU", "mIoU2": "fg/bg mIoU2",
-                "MAE": "MAE"}
+                "oracle maxF": "maxF", "oracle maxF_meanPR": "maxF_meanPR", "IoU@0.5": "IoU@0.5", "mIoU": "mIoU",
+                "mIoU2": "fg/bg mIoU2", "MAE": "MAE"}
 
 
-def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weights" / "default", note: str = "") -> None:
+def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weights" / "default", note: str = "",
+                   rescore: bool = False) -> None:
     """Write a scored run as the embedded default: fp16 weights with its scores in the config, config.json, the model
-    card, and the registry's sha256."""
+    card, and the registry's sha256. `rescore`: keep the shipped weights (tensors unchanged) and write the scores of
+    `--shipped` (runs/shipped-default) into their config and card."""
     import torch
 
     from c2am_cli.model import C2AM
     from c2am_cli.registry import model_card, update_default
 
-    v, run = VARIANTS[name], runs / f"{name}-seed={seed}"
+    v, run = VARIANTS[name], runs / ("shipped-default" if rescore else f"{name}-seed={seed}")
     s = json.loads((run / "scores.json").read_text())
-    model = C2AM.from_file(run / "model.safetensors")
+    model = C2AM.from_file(dest / "model.safetensors" if rescore else run / "model.safetensors")
     mc = model.config.model
     train_cmd = (f"c2am train ../shared/data/{POOL} --backbone {v.backbone} --backbone-weights {v.backbone_weights} "
                  f"--image-size {v.image_size} --output-stride {v.output_stride} --alpha {v.alpha} --epochs {v.epochs} "
@@ -318,7 +320,9 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     model.save(dest / "model.safetensors", dtype=torch.float16)
     notes = (f"{LICENCE_NOTE.format(package=v.backbone_weights)}\n\nProtocol of the metrics: calibration (P(foreground) knots), dense-CRF setting and "
              f"box tau {mc.box_threshold:g} chosen on a seeded half of ECSSD; ECSSD is reported on its other half, the "
-             f"other sets at the stored tau; MaxBoxAccV2 and maxF are threshold-free maxima (oracle) by definition. "
+             f"other sets at the stored tau; MaxBoxAccV2 and maxF are threshold-free maxima (oracle) by definition; "
+             f"maxF is the mean over images of each image's F-beta (TokenCut, pysodmetrics), maxF_meanPR the SOD "
+             f"toolbox's F-beta of the mean precision and recall. "
              f"Reproduce: `{train_cmd}`, then `{cal_cmd}`; scored by `python bench/quality.py --variants {name} "
              f"--seeds {seed}`. {note}".strip())
     (dest / "README.md").write_text(model_card(model.config, license="other", notes=notes), encoding="utf-8")
@@ -336,6 +340,8 @@ def main(argv=None) -> None:
     p.add_argument("--export", metavar="VARIANT", help="write VARIANT (first seed) as the embedded default and stop")
     p.add_argument("--export-note", default="", help="a sentence for the exported model card (how the run was made)")
     p.add_argument("--shipped", action="store_true", help="also score the embedded default as shipped (weights/default)")
+    p.add_argument("--rescore-shipped", action="store_true",
+                   help="write the --shipped scores into the embedded default's config and model card, and stop")
     p.add_argument("--baselines", default="", help="also score built-in baselines, comma-separated (e.g. center)")
     args = p.parse_args(argv)
     if not (DATA / "ecssd").is_dir():
@@ -345,8 +351,8 @@ def main(argv=None) -> None:
     if unknown:
         sys.exit(f"unknown variants: {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     seeds = [int(s) for s in args.seeds.split(",")]
-    if args.export:
-        export_default(args.export, seeds[0], args.runs, note=args.export_note)
+    if args.export or args.rescore_shipped:
+        export_default(args.export or "default", seeds[0], args.runs, note=args.export_note, rescore=args.rescore_shipped)
         return
     args.runs.mkdir(parents=True, exist_ok=True)
     rows, raw = {}, {}
