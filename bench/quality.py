@@ -144,7 +144,7 @@ def training_folder(train_on: str, runs: Path) -> Path:
 
 
 def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
-    from c2am_cli.train import train
+    from c2am_cli.train.trainer import train
 
     run = runs / v.train_key(seed)
     model = run / "model.safetensors"
@@ -165,8 +165,8 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
 
 
 def calibrated(v: Variant, name: str, seed: int, runs: Path, device: str) -> Path:
-    from c2am_cli.calibration import calibrate
-    from c2am_cli.model import C2AM
+    from c2am_cli.eval.calibrate import calibrate
+    from c2am_cli.models.c2am import C2AM
 
     out = runs / f"{name}-seed={seed}" / "model.safetensors"
     if out.exists():
@@ -181,7 +181,7 @@ def calibrated(v: Variant, name: str, seed: int, runs: Path, device: str) -> Pat
 
 def scores(v: Variant, name: str, seed: int, runs: Path, device: str) -> dict:
     """Every set's numbers for one (variant, seed), cached in scores.json."""
-    from c2am_cli.evaluate import run_eval
+    from c2am_cli.eval.evaluate import run_eval
 
     path = runs / f"{name}-seed={seed}" / "scores.json"
     if path.exists():
@@ -254,8 +254,8 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     card, and the registry's sha256."""
     import torch
 
-    from c2am_cli.model import C2AM
-    from c2am_cli.registry import model_card, update_default
+    from c2am_cli.models.c2am import C2AM
+    from c2am_cli.hub.registry import model_card, update_default
 
     v, run = VARIANTS[name], runs / f"{name}-seed={seed}"
     s = json.loads((run / "scores.json").read_text())

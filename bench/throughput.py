@@ -47,9 +47,9 @@ sys.path.insert(0, str(REPO / "tests"))  # synthetic.py: textured images with on
 from synthetic import make_image  # noqa: E402
 
 from c2am_cli import C2AM, Localizer, ModelConfig, TrainConfig  # noqa: E402
-from c2am_cli.data import ImageFolder, collate, eval_transform, scan_images  # noqa: E402
-from c2am_cli.model import read_config  # noqa: E402
-from c2am_cli.train import Trainer, _autocast, set_train_mode  # noqa: E402
+from c2am_cli.data.images import ImageFolder, collate, eval_transform, scan_images  # noqa: E402
+from c2am_cli.models.c2am import read_config  # noqa: E402
+from c2am_cli.train.trainer import Trainer, _autocast, set_train_mode  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "default" / "model.safetensors"
 

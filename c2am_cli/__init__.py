@@ -1,13 +1,13 @@
 """c2am: class-agnostic activation maps (C2AM, CVPR 2022) learned from unlabeled images."""
 __version__ = "0.1.0"
 
-from .calibration import calibrate  # noqa: E402
+from .eval.calibrate import calibrate  # noqa: E402
 from .config import C2AMConfig, ModelConfig, TrainConfig  # noqa: E402
-from .errors import C2AMError, ImageError  # noqa: E402
-from .infer import Localizer, LocalizeSummary, localize  # noqa: E402
-from .model import C2AM  # noqa: E402
-from .refine import Refiner, refine  # noqa: E402
-from .train import train  # noqa: E402
+from .runtime.errors import C2AMError, ImageError  # noqa: E402
+from .predict.localize import Localizer, LocalizeSummary, localize  # noqa: E402
+from .models.c2am import C2AM  # noqa: E402
+from .wsss.refine import Refiner, refine  # noqa: E402
+from .train.trainer import train  # noqa: E402
 
 __all__ = ["C2AM", "C2AMConfig", "ModelConfig", "TrainConfig", "C2AMError", "ImageError", "Localizer",
            "LocalizeSummary", "localize", "train", "calibrate", "Refiner", "refine", "__version__"]

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import C2AMError
+from .runtime.errors import C2AMError
 
 CONFIG_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from c2am_cli.calibration import CalibrationFit, apply_calibration, calibrate, fit_calibration
+from c2am_cli.eval.calibrate import CalibrationFit, apply_calibration, calibrate, fit_calibration
 
 
 def test_apply_interpolates_between_knots():
@@ -53,7 +53,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from c2am_cli.cli import app  # noqa: E402
 from c2am_cli.config import ModelConfig  # noqa: E402
-from c2am_cli.model import C2AM  # noqa: E402
+from c2am_cli.models.c2am import C2AM  # noqa: E402
 from synthetic import make_image  # noqa: E402
 
 
@@ -81,9 +81,9 @@ def tiny_model(tmp_path_factory):
 
 
 def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
-    from c2am_cli.calibration import calibrate
-    from c2am_cli.datasets import load_dataset
-    from c2am_cli.evaluate import ModelMaps, Protocol, evaluate, split_ids
+    from c2am_cli.eval.calibrate import calibrate
+    from c2am_cli.data.datasets import load_dataset
+    from c2am_cli.eval.evaluate import ModelMaps, Protocol, evaluate, split_ids
 
     model, report = calibrate(str(tiny_model), "masks", mask_set, fraction=0.5, seed=0, crf=False,
                               device="cpu", num_workers=0, progress=False)
@@ -109,10 +109,10 @@ def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
 
 def test_calibrate_keeps_the_best_crf_setting(mask_set, tiny_model):
     pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2) is not installed")
-    from c2am_cli.calibration import CRF_CANDIDATES, calibrate
+    from c2am_cli.eval.calibrate import CRF_CANDIDATES, calibrate
 
-    from c2am_cli.datasets import load_dataset
-    from c2am_cli.evaluate import ModelMaps, evaluate
+    from c2am_cli.data.datasets import load_dataset
+    from c2am_cli.eval.evaluate import ModelMaps, evaluate
 
     model, report = calibrate(str(tiny_model), "masks", mask_set, crf=True, boxes_from="mask", device="cpu",
                               num_workers=0, progress=False)
@@ -154,9 +154,9 @@ def test_calibrate_needs_masks(tmp_path, tiny_model):
 def test_eval_corloc_is_what_localize_boxes_score(mask_set, tiny_model, tmp_path, boxes_from):
     """eval's CorLoc at a fixed tau, recomputed by hand from the boxes `localize` writes with the same settings."""
     from c2am_cli import localize
-    from c2am_cli.datasets import load_dataset, mask_boxes
-    from c2am_cli.evaluate import run_eval
-    from c2am_cli.metrics import box_iou
+    from c2am_cli.data.datasets import load_dataset, mask_boxes
+    from c2am_cli.eval.evaluate import run_eval
+    from c2am_cli.eval.metrics import box_iou
 
     model, _ = calibrate(str(tiny_model), "masks", mask_set, crf=False, device="cpu", num_workers=0, progress=False)
     path = model.save(tmp_path / "cal.safetensors")

@@ -14,11 +14,11 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from c2am_cli import C2AM, ModelConfig
-from c2am_cli.data import (ImageFolder, SquashedImages, apply_orientation, collate, eval_transform, load_image,
+from c2am_cli.data.images import (ImageFolder, SquashedImages, apply_orientation, collate, eval_transform, load_image,
                            load_image_tensor, normalize_batch, read_plain_jpeg, squash)
-from c2am_cli.errors import C2AMError, ImageError
-from c2am_cli.infer import InOrder, Localizer, output_names
-from c2am_cli.io import JsonLines
+from c2am_cli.runtime.errors import C2AMError, ImageError
+from c2am_cli.predict.localize import InOrder, Localizer, output_names
+from c2am_cli.runtime.io import JsonLines
 from synthetic import make_folder, make_image
 
 SIZE = 64
@@ -205,7 +205,7 @@ def test_background_writer_keeps_manifest_in_order_and_after_the_files(model, tm
     """A write failing part-way (disk full on the 7th map): every record in the manifest has its complete map file,
     in file order; the failed image has neither a record nor a file, nor a temporary; a re-run completes the job
     with outputs identical to an uninterrupted run."""
-    import c2am_cli.infer as infer
+    import c2am_cli.predict.localize as infer
 
     images = tmp_path / "images"
     make_folder(images, 12, seed=6, size=72)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import C2AMError
-from .hub import DEFAULT_NAME, weights_dir
+from ..runtime.errors import C2AMError
+from .backbone_weights import DEFAULT_NAME, weights_dir
 
 REGISTRY_FILE = "registry.json"
 REGISTRY_ENV = "C2AM_REGISTRY"  # a JSON file of extra entries (same format), merged over the packaged registry
@@ -124,7 +124,7 @@ def _download(repo_id: str, filename: str, revision: str, optional: bool = False
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
-    from . import __version__
+    from .. import __version__
 
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, library_name="c2am",
@@ -332,8 +332,8 @@ def _refinement(m) -> str:
 
 def _read_push_config(model_path: Path):
     """The config to publish: config.json beside the weights if it is valid (it may hold metrics), else the metadata."""
-    from .config import C2AMConfig
-    from .model import METADATA_KEY, read_config
+    from ..config import C2AMConfig
+    from ..models.c2am import METADATA_KEY, read_config
 
     beside = model_path.parent / CONFIG_FILE
     if beside.exists():
@@ -358,7 +358,7 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, token: str | 
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    from .hub import resolve_weights
+    from .backbone_weights import resolve_weights
 
     model_path = resolve_weights(str(run_dir))
     config = _read_push_config(model_path)
@@ -388,8 +388,8 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, token: str | 
 # -- maintenance -------------------------------------------------------------------------------
 def update_default(registry_file: str | Path | None = None, model_file: str | Path | None = None) -> dict[str, Any]:
     """Write the sha256, backbone and input size of weights/default/model.safetensors into the registry."""
-    from .io import write_json_atomic
-    from .model import read_config
+    from ..runtime.io import write_json_atomic
+    from ..models.c2am import read_config
 
     registry_file = Path(registry_file) if registry_file else registry_path()
     data = json.loads(registry_file.read_text(encoding="utf-8"))
@@ -406,7 +406,7 @@ def update_default(registry_file: str | Path | None = None, model_file: str | Pa
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m c2am_cli.registry", description=update_default.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m c2am_cli.hub.registry", description=update_default.__doc__)
     parser.add_argument("--update-default", action="store_true", help="recompute the default's sha256 into registry.json")
     parser.add_argument("--registry", type=Path, default=None, help="registry file (default: weights/registry.json)")
     args = parser.parse_args(argv)

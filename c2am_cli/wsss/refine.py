@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
-from .datasets import VOC_CLASSES
-from .errors import C2AMError
-from .io import JsonLines, save_png_atomic
+from ..data.images import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
+from ..data.datasets import VOC_CLASSES
+from ..runtime.errors import C2AMError
+from ..runtime.io import JsonLines, save_png_atomic
 
 DENSE_SCALES = (0.5, 1.0, 1.5, 2.0)  # METHOD.md: dense maps for WSSS, each with its horizontal flip
 MODES = ("c2am", "threshold", "soft")
@@ -338,7 +338,7 @@ def dense_map(model, image: Image.Image, scales=DENSE_SCALES, flip: bool = True,
     x = to_tensor_normalized(mc.mean, mc.std)(image.resize((side, side), Image.BILINEAR))[None].to(device)
     m = model.activation_maps(x, scales=scales, flip=flip, size=(h, w))[0].float().cpu().numpy()
     if getattr(mc, "edge_radius", 0) > 0:
-        from .edges import refine_map
+        from ..maps.edges import refine_map
 
         m = refine_map(image, m, mc.edge_radius, mc.edge_eps)
     return m / max(float(m.max()), 1e-5)
@@ -347,7 +347,7 @@ def dense_map(model, image: Image.Image, scales=DENSE_SCALES, flip: bool = True,
 def crf_cue(image: np.ndarray, fg: np.ndarray, iterations: int = 10, gt_prob: float = CRF_GT_PROB) -> np.ndarray:
     """A foreground cue (bool, H x W) refined by a fully connected CRF over the RGB image (H, W, 3, uint8),
     with IRN's crf_inference_label settings (Gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10)."""
-    from .edges import dense_crf
+    from ..maps.edges import dense_crf
 
     try:
         import pydensecrf.densecrf  # noqa: F401  (dense_crf's engine)
@@ -507,8 +507,8 @@ class Refiner:
         self.scales, self.flip, self.max_pixels = tuple(scales), flip, max_pixels
         self.model = None
         if weights is not None and mode != "threshold":
-            from .model import C2AM
-            from .train import resolve_device
+            from ..models.c2am import C2AM
+            from ..train.trainer import resolve_device
 
             self.device = resolve_device(device)
             self.model = weights if isinstance(weights, C2AM) else C2AM.from_pretrained(weights)

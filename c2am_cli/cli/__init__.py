@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from . import __version__
-from .errors import C2AMError
+from .. import __version__
+from ..runtime.errors import C2AMError
 
 app = typer.Typer(
     name="c2am",
@@ -114,8 +114,8 @@ def train(
 
     Exit code 0: trained on every image; 3: trained, but some files could not be read (listed in OUT/errors.jsonl).
     """
-    from .config import ModelConfig, TrainConfig
-    from .train import Trainer
+    from ..config import ModelConfig, TrainConfig
+    from ..train.trainer import Trainer
 
     mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None,
                        feature_levels=_numbers(feature_levels, int, "--feature-levels", "timm feature indices such as '-2,-1' or '2,3'", required=True))
@@ -126,13 +126,13 @@ def train(
     trainer = Trainer(image_dir, out, mcfg, tcfg, device=device, resume=resume, init=init, progress=not quiet,
                       strict=strict, max_pixels=max_pixels)
     path = trainer.run()
-    from .distributed import is_main
+    from ..runtime.distributed import is_main
 
     if not is_main():  # under torchrun rank 0 reports (and pushes) for all
         return
     typer.echo(f"wrote {path}" + (f" ({len(trainer.failed)} files could not be read: {trainer.errors.path})" if trainer.failed else ""))
     if push_to_hub:
-        from .registry import push as run_push
+        from ..hub.registry import push as run_push
 
         typer.echo(f"pushed to {run_push(path.parent, push_to_hub).commit_url}")
     if trainer.failed:
@@ -170,8 +170,8 @@ def localize(
 
     Exit code 0: all images done; 3: done, but some files could not be read (listed in OUT.errors.jsonl).
     """
-    from .distributed import is_main
-    from .infer import localize as run_localize
+    from ..runtime.distributed import is_main
+    from ..predict.localize import localize as run_localize
 
     summary = run_localize(image_dir, out, weights=weights, maps_dir=maps, map_format=map_format, overlays_dir=overlays,
                            fmt=format, threshold=threshold, all_boxes=all_boxes, boxes_from=boxes_from,
@@ -199,7 +199,7 @@ def pull(
 
     Offline (HF_HUB_OFFLINE=1) the cached copy is used; a registry name's sha256 is always verified.
     """
-    from .registry import list_registry, pull as run_pull
+    from ..hub.registry import list_registry, pull as run_pull
 
     if list_:
         typer.echo("name\tsource\tbackbone\tinput size\tlicence\tlocal path")
@@ -225,7 +225,7 @@ def push(
 
     Example: c2am push runs/r50 your-name/c2am-resnet50 --license apache-2.0
     """
-    from .registry import push as run_push
+    from ..hub.registry import push as run_push
 
     info = run_push(run_dir, repo_id, private=private, token=token, license=license)
     typer.echo(f"pushed to {info.commit_url}")
@@ -275,8 +275,8 @@ def eval_(
 
     Exit code 0: all images scored; 3: scored, but some maps or images could not be read (listed in the output).
     """
-    from .evaluate import check_dataset, format_table, plot_curves, run_eval
-    from .io import write_json_atomic
+    from ..eval.evaluate import check_dataset, format_table, plot_curves, run_eval
+    from ..runtime.io import write_json_atomic
 
     if check:
         typer.echo(check_dataset(dataset, root, images=images, box_source=box_source))
@@ -300,7 +300,7 @@ def eval_(
 def _id_list(path: Optional[Path]) -> list[str] | None:
     if path is None:
         return None
-    from .datasets import read_id_list
+    from ..data.datasets import read_id_list
 
     try:
         return read_id_list(path)
@@ -337,7 +337,7 @@ def calibrate(
     """
     import torch
 
-    from .calibration import calibrate as run_calibrate
+    from ..eval.calibrate import calibrate as run_calibrate
 
     model, report = run_calibrate(weights, dataset, root, split=split, calibrate_on=calibrate_on,
                                   fraction=calibration_fraction, seed=seed, crf=crf, boxes_from=boxes_from,
@@ -380,7 +380,7 @@ def refine(
 
     Exit code 0: all images done; 3: done, but some failed (listed in OUT/errors.jsonl).
     """
-    from .refine import DENSE_SCALES, refine as run_refine
+    from ..wsss.refine import DENSE_SCALES, refine as run_refine
 
     summary = run_refine(cams, images, out, labels=labels, ids=_id_list(ids), save_cues=save_cues, save_maps=save_maps,
                          progress=not quiet, mode=mode, weights=weights, cues_dir=cues, cue_threshold=cue_threshold,
@@ -412,7 +412,7 @@ def cams(
 
     Exit code 0: all images done; 3: done, but some failed (listed in OUT/errors.jsonl).
     """
-    from .cams import compute_cams
+    from ..wsss.cams import compute_cams
 
     summary = compute_cams(images, labels, out, classifier=classifier, classifier_weights=classifier_weights,
                            class_map=class_map, scales=_floats(scales) or (1.0,), flip=flip, ids=_id_list(ids),

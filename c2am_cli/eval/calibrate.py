@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import C2AMError
+from ..runtime.errors import C2AMError
 
 KNOTS = 33  # map values 0, 1/32, .., 1
 BINS = 256
@@ -90,11 +90,11 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
     calibration holds for the maps they make."""
     from tqdm.auto import tqdm
 
-    from .data import load_image
-    from .datasets import IGNORE, load_dataset
+    from ..data.images import load_image
+    from ..data.datasets import IGNORE, load_dataset
     from .evaluate import ModelMaps, Protocol, split_ids
     from .metrics import BoxAccumulator, MaskAccumulator, best_index
-    from .model import C2AM
+    from ..models.c2am import C2AM
 
     ds = load_dataset(dataset, root)
     if ds.task not in ("masks", "semantic"):
@@ -135,8 +135,8 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
         raise C2AMError(f"calibrate: no calibration image could be read ({len(failed)} failed)")
     knots = fit.knots()
 
-    from .boxes import normalize_map
-    from .edges import crf_probability
+    from ..maps.boxes import normalize_map
+    from ..maps.edges import crf_probability
 
     images = {}  # decoded once for all CRF settings
     scores, best = {}, None

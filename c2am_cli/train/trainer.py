@@ -14,13 +14,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import C2AMConfig, ModelConfig, TrainConfig
-from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
-from .errors import C2AMError, ImageError
-from .io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
-from .loss import ContrastiveLoss
-from .model import C2AM, C2AMOutput
+from ..runtime import distributed
+from ..config import C2AMConfig, ModelConfig, TrainConfig
+from ..data.images import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
+from ..runtime.errors import C2AMError, ImageError
+from ..runtime.io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
+from ..models.loss import ContrastiveLoss
+from ..models.c2am import C2AM, C2AMOutput
 
 CHECKPOINT = "checkpoint.safetensors"  # model + optimizer + progress, for --resume
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -186,7 +186,7 @@ class Trainer:
         else:
             model = C2AM(C2AMConfig(model=mcfg, train=tcfg))
             if tcfg.backbone_weights:
-                from .hub import backbone_state_dict
+                from ..hub.backbone_weights import backbone_state_dict
 
                 state, mean_std = backbone_state_dict(tcfg.backbone_weights, mcfg.backbone)
                 try:

@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .boxes import normalize_map
-from .datasets import IGNORE, EvalSet, Item, read_label_png
-from .errors import C2AMError, ImageError
+from ..maps.boxes import normalize_map
+from ..data.datasets import IGNORE, EvalSet, Item, read_label_png
+from ..runtime.errors import C2AMError, ImageError
 from .metrics import (IOU_THRESHOLDS, RESIZE, BoxAccumulator, MaskAccumulator, best_index, calibration_split,
                       cam_thresholds, foreground_confusion, max_box_acc, miou_from_confusion, semantic_confusion, topk_loc)
 
@@ -87,7 +87,7 @@ class MapFiles(MapSource):
         return {"kind": "maps", "folder": str(self.folder), "normalized": self.normalized}
 
     def prepare(self, items: list[Item]) -> None:
-        from .infer import output_names
+        from ..predict.localize import output_names
 
         files = [it.image for it in items]
         npy, png = output_names(files, ".npy"), output_names(files, ".png")
@@ -186,7 +186,7 @@ class ModelMaps(MapSource):
 
     def __init__(self, image_root, weights=None, device: str = "auto", scales=None, flip=None, batch_size: int = 32,
                  num_workers: int = 2, boxes_from: str | None = None):
-        from .infer import Localizer
+        from ..predict.localize import Localizer
 
         self.image_root = Path(image_root)
         self.localizer = Localizer(weights, device=device, scales=scales, flip=flip, batch_size=batch_size,
@@ -207,8 +207,8 @@ class ModelMaps(MapSource):
         import torch.nn.functional as F
         from torch.utils.data import DataLoader
 
-        from .data import ImageFolder, collate, eval_transform, load_image
-        from .edges import full_size_map, uses_image
+        from ..data.images import ImageFolder, collate, eval_transform, load_image
+        from ..maps.edges import full_size_map, uses_image
 
         loc = self.localizer
         mc = loc.model.config.model
@@ -652,7 +652,7 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 
 def plot_curves(report: Report, path, size: tuple[int, int] = (900, 560)) -> None:
     """Accuracy / IoU (%) against tau, one line per curve, the chosen taus marked; a PNG drawn with Pillow."""
-    from .io import save_png_atomic
+    from ..runtime.io import save_png_atomic
 
     curves = report.curves
     if "tau" not in curves:
@@ -707,7 +707,7 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
              boxes_from: str | None = None, batch_size: int = 32, num_workers: int = 2, strict: bool = False,
              progress: bool = True) -> Report:
     """Parse `dataset` at `root` and score exactly one input: --maps, --weights, --baseline or --masks."""
-    from .datasets import load_dataset
+    from ..data.datasets import load_dataset
 
     given = [n for n, v in (("--maps", maps), ("--weights", weights), ("--baseline", baseline), ("--masks", masks))
              if v is not None]
@@ -750,7 +750,7 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
 def check_dataset(dataset: str, root, *, images=None, box_source: str = "mask") -> str:
     """Parse and validate a set without scoring anything (wsol: boxes against image_sizes.txt, and image headers
     against it where the images are there); a one-paragraph summary."""
-    from .datasets import load_dataset
+    from ..data.datasets import load_dataset
 
     if dataset == "wsol":
         check = images is not None

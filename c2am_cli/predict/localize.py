@@ -18,15 +18,15 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .boxes import boxes_from_map, scale_boxes
-from .edges import full_size_map, uses_image
-from .data import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation, collate, decode_jpeg_bytes, load_image,
+from ..runtime import distributed
+from ..maps.boxes import boxes_from_map, scale_boxes
+from ..maps.edges import full_size_map, uses_image
+from ..data.images import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation, collate, decode_jpeg_bytes, load_image,
                    load_image_tensor, normalize_batch, pause_for_tests, scan_images, squash)
-from .errors import C2AMError, ImageError
-from .io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
-from .model import C2AM
-from .train import _autocast, resolve_device
+from ..runtime.errors import C2AMError, ImageError
+from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
+from ..models.c2am import C2AM
+from ..train.trainer import _autocast, resolve_device
 
 EXIT_SOME_FAILED = 3  # documented exit code: the run finished, but some inputs could not be read
 

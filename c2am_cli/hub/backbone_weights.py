@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import C2AMError
+from ..runtime.errors import C2AMError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # c2am_cli/
 DEFAULT_NAME = "default"
 
 

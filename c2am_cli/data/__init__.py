@@ -1,0 +1,1 @@
+"""Images in: folder scanning, robust decoding, transforms, dataset adapters."""

@@ -1,0 +1,1 @@
+"""Weights: the registry, downloads and uploads, model cards, backbone weight import."""
