@@ -144,7 +144,7 @@ def training_folder(train_on: str, runs: Path) -> Path:
 
 
 def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
-    from c2am_cli.train.trainer import train
+    from c2am_cli.training.trainer import train
 
     run = runs / v.train_key(seed)
     model = run / "model.safetensors"

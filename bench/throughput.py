@@ -49,7 +49,7 @@ from synthetic import make_image  # noqa: E402
 from c2am_cli import C2AM, Localizer, ModelConfig, TrainConfig  # noqa: E402
 from c2am_cli.data.images import ImageFolder, collate, eval_transform, scan_images  # noqa: E402
 from c2am_cli.models.c2am import read_config  # noqa: E402
-from c2am_cli.train.trainer import Trainer, _autocast, set_train_mode  # noqa: E402
+from c2am_cli.training.trainer import Trainer, _autocast, set_train_mode  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "default" / "model.safetensors"
 

@@ -7,7 +7,7 @@ from .runtime.errors import C2AMError, ImageError  # noqa: E402
 from .predict.localize import Localizer, LocalizeSummary, localize  # noqa: E402
 from .models.c2am import C2AM  # noqa: E402
 from .wsss.refine import Refiner, refine  # noqa: E402
-from .train.trainer import train  # noqa: E402
+from .training.trainer import train  # noqa: E402
 
 __all__ = ["C2AM", "C2AMConfig", "ModelConfig", "TrainConfig", "C2AMError", "ImageError", "Localizer",
            "LocalizeSummary", "localize", "train", "calibrate", "Refiner", "refine", "__version__"]

@@ -57,7 +57,7 @@ def gathered_loss_worker(rank: int, port: int, folder: str) -> None:
 
     from c2am_cli.models.loss import ContrastiveLoss
     from c2am_cli.models.c2am import C2AMOutput
-    from c2am_cli.train.trainer import TrainView
+    from c2am_cli.training.trainer import TrainView
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))

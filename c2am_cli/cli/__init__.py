@@ -115,7 +115,7 @@ def train(
     Exit code 0: trained on every image; 3: trained, but some files could not be read (listed in OUT/errors.jsonl).
     """
     from ..config import ModelConfig, TrainConfig
-    from ..train.trainer import Trainer
+    from ..training.trainer import Trainer
 
     mcfg = ModelConfig(backbone=backbone, image_size=image_size, output_stride=output_stride or None,
                        feature_levels=_numbers(feature_levels, int, "--feature-levels", "timm feature indices such as '-2,-1' or '2,3'", required=True))

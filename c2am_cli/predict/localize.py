@@ -26,7 +26,7 @@ from ..data.images import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
 from ..models.c2am import C2AM
-from ..train.trainer import _autocast, resolve_device
+from ..training.trainer import _autocast, resolve_device
 
 EXIT_SOME_FAILED = 3  # documented exit code: the run finished, but some inputs could not be read
 
