@@ -255,7 +255,8 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     import torch
 
     from c2am_cli.models.c2am import C2AM
-    from c2am_cli.hub.registry import model_card, update_default
+    from c2am_cli.hub.card import model_card
+    from c2am_cli.hub.registry import update_default
 
     v, run = VARIANTS[name], runs / f"{name}-seed={seed}"
     s = json.loads((run / "scores.json").read_text())

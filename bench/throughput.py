@@ -48,8 +48,9 @@ from synthetic import make_image  # noqa: E402
 
 from c2am_cli import C2AM, Localizer, ModelConfig, TrainConfig  # noqa: E402
 from c2am_cli.data.images import ImageFolder, collate, eval_transform, scan_images  # noqa: E402
-from c2am_cli.models.c2am import read_config  # noqa: E402
-from c2am_cli.training.trainer import Trainer, _autocast, set_train_mode  # noqa: E402
+from c2am_cli.config import read_config  # noqa: E402
+from c2am_cli.runtime.device import autocast  # noqa: E402
+from c2am_cli.training.trainer import Trainer, set_train_mode  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "default" / "model.safetensors"
 
@@ -179,7 +180,7 @@ def backbone_rate(model: C2AM, batches, n: int, device: torch.device, fmt, scale
     try:
         with Clock(device) as clock:
             for x in cycle(batches, n):
-                with _autocast(device, True):
+                with autocast(device, True):
                     for v in views(x, scales, flip):
                         body(v.contiguous(memory_format=fmt))
                 count += len(x)
@@ -260,12 +261,12 @@ def train_rates(root: Path, run: Path, args, device: torch.device, batch: torch.
                           weight_decay=tc.weight_decay)
 
     def c2am_step():
-        with _autocast(trainer.device, tc.amp):
+        with autocast(trainer.device, tc.amp):
             out = trainer.model(x)
         trainer._step(out, max_step=10**9)
 
     def bare_step():
-        with _autocast(trainer.device, tc.amp):
+        with autocast(trainer.device, tc.amp):
             loss = bare(x).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,5 +1,5 @@
 """c2am: class-agnostic activation maps (C2AM, CVPR 2022) learned from unlabeled images."""
-__version__ = "0.1.0"
+from .runtime.version import __version__
 
 from . import _legacy  # noqa: E402
 

@@ -31,6 +31,7 @@ MOVED = {  # old module -> the modules that hold its names now (looked up in thi
     "c2am_cli.cams": ("c2am_cli.wsss.cams",),
     "c2am_cli.train": ("c2am_cli.training.trainer", "c2am_cli.runtime.device"),
 }
+RENAMED = {"c2am_cli.train._autocast": "c2am_cli.runtime.device.autocast"}  # old name -> its new module.name
 PACKAGES = {  # old modules whose name is a package now: the old names are taken from these modules
     "c2am_cli.data": ("c2am_cli.data.images",),
     "c2am_cli.hub": ("c2am_cli.hub.resolve", "c2am_cli.hub.backbone_weights", "c2am_cli.hub.registry"),
@@ -71,6 +72,10 @@ def _existing(names: tuple[str, ...]) -> list[types.ModuleType]:
 
 
 def _lookup(old: str, targets: tuple[str, ...], attr: str):
+    if f"{old}.{attr}" in RENAMED:
+        module, name = RENAMED[f"{old}.{attr}"].rsplit(".", 1)
+        module = importlib.import_module(module)
+        return module, getattr(module, name)
     for module in _existing(targets):
         if hasattr(module, attr):
             return module, getattr(module, attr)

@@ -108,3 +108,14 @@ def _build(kind, values: dict[str, Any]):
     if unknown:
         raise C2AMError(f"unknown {kind.__name__} fields in config: {', '.join(unknown)}")
     return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+METADATA_KEY = "c2am_config"  # the one safetensors metadata key of a c2am model: its whole C2AMConfig as JSON
+
+
+def read_config(path) -> C2AMConfig:
+    """The config stored in a .safetensors file, without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return C2AMConfig.from_dict(json.loads((f.metadata() or {})[METADATA_KEY]))

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from c2am_cli.eval.calibrate import CalibrationFit, apply_calibration, calibrate, fit_calibration
+from c2am_cli.eval.calibrate import CalibrationFit, calibrate, fit_calibration
+from c2am_cli.maps.calibration import apply_calibration
 
 
 def test_apply_interpolates_between_knots():

@@ -16,9 +16,12 @@ from typer.testing import CliRunner
 
 from c2am_cli import C2AM, C2AMConfig, C2AMError, ModelConfig, TrainConfig
 from c2am_cli.cli import app
-from c2am_cli.hub.backbone_weights import resolve_weights, weights_dir
-from c2am_cli.hub.registry import (REGISTRY_ENV, is_registered, list_registry, load_registry, model_card, pull,
-                               push, registry_path, split_spec, update_default)
+from c2am_cli.hub.card import model_card
+from c2am_cli.hub.download import list_registry, pull
+from c2am_cli.hub.push import push
+from c2am_cli.hub.registry import (REGISTRY_ENV, is_registered, load_registry, registry_path, split_spec,
+                                   update_default, weights_dir)
+from c2am_cli.hub.resolve import resolve_weights
 from fake_hub import FakeHub
 from synthetic import make_folder
 

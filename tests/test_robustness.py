@@ -26,7 +26,7 @@ from c2am_cli.cli import app
 from c2am_cli.data.images import load_image, scan_images
 from c2am_cli.predict.localize import output_names
 from c2am_cli.runtime.io import JsonLines, atomic_path
-from c2am_cli.models.c2am import METADATA_KEY
+from c2am_cli.config import METADATA_KEY
 from synthetic import make_folder, make_image
 
 REPO = Path(__file__).resolve().parents[1]

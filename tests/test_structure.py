@@ -11,6 +11,28 @@ PACKAGE = REPO / "c2am_cli"
 MAX_LINES = 500
 
 
+def test_no_import_cycles_between_modules():
+    """No module imports anything that imports it back, directly or through others (imports inside functions too)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("c2am_cli", cache_dir=None)
+    cycles = []
+    for module in sorted(graph.modules):
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported != module and graph.chain_exists(importer=imported, imported=module):
+                cycles.append(graph.find_shortest_chain(importer=imported, imported=module) + (imported,))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_layers_contract_holds():
+    """The import-linter contract in pyproject.toml (cli > eval > predict | training | wsss > ... > runtime)."""
+    pytest.importorskip("importlinter")
+    lint = Path(sys.executable).with_name("lint-imports")
+    cmd = [str(lint)] if lint.exists() else [sys.executable, "-m", "importlinter.cli"]
+    done = subprocess.run([*cmd, "--no-cache"], cwd=REPO, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
 def test_old_flat_module_paths_warn_and_reexport(monkeypatch):
     import c2am_cli
     from c2am_cli.data.images import load_image

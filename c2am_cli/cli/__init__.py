@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .. import __version__
+from ..runtime.version import __version__
 from ..runtime.errors import C2AMError
 
 app = typer.Typer(
@@ -132,7 +132,7 @@ def train(
         return
     typer.echo(f"wrote {path}" + (f" ({len(trainer.failed)} files could not be read: {trainer.errors.path})" if trainer.failed else ""))
     if push_to_hub:
-        from ..hub.registry import push as run_push
+        from ..hub.push import push as run_push
 
         typer.echo(f"pushed to {run_push(path.parent, push_to_hub).commit_url}")
     if trainer.failed:
@@ -199,7 +199,7 @@ def pull(
 
     Offline (HF_HUB_OFFLINE=1) the cached copy is used; a registry name's sha256 is always verified.
     """
-    from ..hub.registry import list_registry, pull as run_pull
+    from ..hub.download import list_registry, pull as run_pull
 
     if list_:
         typer.echo("name\tsource\tbackbone\tinput size\tlicence\tlocal path")
@@ -225,7 +225,7 @@ def push(
 
     Example: c2am push runs/r50 your-name/c2am-resnet50 --license apache-2.0
     """
-    from ..hub.registry import push as run_push
+    from ..hub.push import push as run_push
 
     info = run_push(run_dir, repo_id, private=private, token=token, license=license)
     typer.echo(f"pushed to {info.commit_url}")

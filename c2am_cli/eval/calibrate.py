@@ -11,16 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..maps.calibration import apply_calibration
 from ..runtime.errors import C2AMError
 
 KNOTS = 33  # map values 0, 1/32, .., 1
 BINS = 256
-
-
-def apply_calibration(scoremap: np.ndarray, knots) -> np.ndarray:
-    """Foreground probability of each pixel of a map in [0, 1], by linear interpolation between the knots."""
-    k = np.asarray(knots, dtype=np.float32)
-    return np.interp(scoremap, np.linspace(0.0, 1.0, len(k), dtype=np.float32), k).astype(np.float32)
 
 
 class CalibrationFit:

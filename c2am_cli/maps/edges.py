@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from .boxes import normalize_map
-from ..eval.calibrate import apply_calibration
+from .calibration import apply_calibration
 
 CRF_MAX_SIDE = 512  # the dense CRF runs at most at this size (long side); its cost grows with the pixel count
 

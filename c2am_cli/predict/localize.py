@@ -26,7 +26,7 @@ from ..data.images import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
 from ..models.c2am import C2AM
-from ..training.trainer import _autocast, resolve_device
+from ..runtime.device import autocast, resolve_device
 
 EXIT_SOME_FAILED = 3  # documented exit code: the run finished, but some inputs could not be read
 
@@ -195,7 +195,7 @@ class Localizer:
         n = len(x)
         if self.compiled and n < self.batch_size:  # the last batch, padded: one shape, no second compilation
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, True):
+        with autocast(self.device, True):
             return self.model.activation_maps(x, scales=self.scales, flip=self.flip).float()[:n]
 
     def run(self, image_dir, out="boxes.json", maps_dir=None, map_format: str = "npy", overlays_dir=None,

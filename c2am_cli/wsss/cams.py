@@ -158,7 +158,7 @@ def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lit
                  progress: bool = True) -> CamsSummary:
     """`<out>/<id>.npz` (keys from 0, high_res (K, H, W) float16 at image size, classes) for every labelled image;
     images are fed at their size (long side capped at `max_side`); failures go to `<out>/errors.jsonl`."""
-    from ..training.trainer import resolve_device
+    from ..runtime.device import resolve_device
 
     out = Path(out)
     if not isinstance(labels, dict):

@@ -508,7 +508,7 @@ class Refiner:
         self.model = None
         if weights is not None and mode != "threshold":
             from ..models.c2am import C2AM
-            from ..training.trainer import resolve_device
+            from ..runtime.device import resolve_device
 
             self.device = resolve_device(device)
             self.model = weights if isinstance(weights, C2AM) else C2AM.from_pretrained(weights)
