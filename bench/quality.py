@@ -181,7 +181,7 @@ def calibrated(v: Variant, name: str, seed: int, runs: Path, device: str) -> Pat
 
 def scores(v: Variant, name: str, seed: int, runs: Path, device: str) -> dict:
     """Every set's numbers for one (variant, seed), cached in scores.json."""
-    from c2am_cli.eval.evaluate import run_eval
+    from c2am_cli.eval.run import run_eval
 
     path = runs / f"{name}-seed={seed}" / "scores.json"
     if path.exists():

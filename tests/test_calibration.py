@@ -84,7 +84,8 @@ def tiny_model(tmp_path_factory):
 def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
     from c2am_cli.eval.calibrate import calibrate
     from c2am_cli.data.datasets import load_dataset
-    from c2am_cli.eval.evaluate import ModelMaps, Protocol, evaluate, split_ids
+    from c2am_cli.eval.evaluate import Protocol, evaluate, split_ids
+    from c2am_cli.eval.sources import ModelMaps
 
     model, report = calibrate(str(tiny_model), "masks", mask_set, fraction=0.5, seed=0, crf=False,
                               device="cpu", num_workers=0, progress=False)
@@ -96,7 +97,7 @@ def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
     check.config.model.calibration = (0.0, 1.0)
     cal = ds.select(set(cal_ids))
     sizes = [cal.ground_truth(it).size for it in cal.items]
-    pairs = [(full, cal.ground_truth(cal.items[k]).mask) for k, _, full, _, _ in
+    pairs = [(m.full, cal.ground_truth(cal.items[m.index]).mask) for m in
              ModelMaps(cal.image_root, check, device="cpu", num_workers=0).iterate(cal.items, sizes, False, True)]
     assert model.config.model.calibration == fit_calibration(pairs)
     knots = np.asarray(model.config.model.calibration)
@@ -113,7 +114,8 @@ def test_calibrate_keeps_the_best_crf_setting(mask_set, tiny_model):
     from c2am_cli.eval.calibrate import CRF_CANDIDATES, calibrate
 
     from c2am_cli.data.datasets import load_dataset
-    from c2am_cli.eval.evaluate import ModelMaps, evaluate
+    from c2am_cli.eval.evaluate import evaluate
+    from c2am_cli.eval.sources import ModelMaps
 
     model, report = calibrate(str(tiny_model), "masks", mask_set, crf=True, boxes_from="mask", device="cpu",
                               num_workers=0, progress=False)
@@ -156,7 +158,7 @@ def test_eval_corloc_is_what_localize_boxes_score(mask_set, tiny_model, tmp_path
     """eval's CorLoc at a fixed tau, recomputed by hand from the boxes `localize` writes with the same settings."""
     from c2am_cli import localize
     from c2am_cli.data.datasets import load_dataset, mask_boxes
-    from c2am_cli.eval.evaluate import run_eval
+    from c2am_cli.eval.run import run_eval
     from c2am_cli.eval.metrics import box_iou
 
     model, _ = calibrate(str(tiny_model), "masks", mask_set, crf=False, device="cpu", num_workers=0, progress=False)

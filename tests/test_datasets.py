@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from c2am_cli import C2AMError
 from c2am_cli.cli import app
 from c2am_cli.data.datasets import load_dataset, mask_boxes
-from c2am_cli.eval.evaluate import Baseline, evaluate, run_eval
+from c2am_cli.eval.evaluate import evaluate
+from c2am_cli.eval.run import run_eval
+from c2am_cli.eval.sources import Baseline
 from synthetic import make_image
 
 runner = CliRunner()

@@ -11,6 +11,7 @@ import typer
 
 from ..runtime.version import __version__
 from ..runtime.errors import C2AMError
+from ..runtime.exits import EXIT_INTERRUPTED, EXIT_SOME_FAILED, EXIT_USAGE
 
 app = typer.Typer(
     name="c2am",
@@ -21,7 +22,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 _state = {"debug": False}
-EXIT_ERROR = 2
 
 
 def friendly(fn):
@@ -35,10 +35,10 @@ def friendly(fn):
             if _state["debug"]:
                 traceback.print_exc()
             typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(EXIT_ERROR) from None
+            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
     return wrapper
 
@@ -136,7 +136,7 @@ def train(
 
         typer.echo(f"pushed to {run_push(path.parent, push_to_hub).commit_url}")
     if trainer.failed:
-        raise typer.Exit(3)  # the documented code for "done, but some inputs could not be read"
+        raise typer.Exit(EXIT_SOME_FAILED)
 
 
 @app.command()
@@ -275,7 +275,9 @@ def eval_(
 
     Exit code 0: all images scored; 3: scored, but some maps or images could not be read (listed in the output).
     """
-    from ..eval.evaluate import check_dataset, format_table, plot_curves, run_eval
+    from ..eval.evaluate import format_table
+    from ..eval.run import check_dataset, run_eval
+    from ..eval.plots import plot_curves
     from ..runtime.io import write_json_atomic
 
     if check:
@@ -440,14 +442,14 @@ def main() -> None:
         code = app(prog_name="c2am", standalone_mode=False)
     except getattr(click_errors, "NoArgsIsHelpError", ()) as e:  # bare `c2am` / `c2am COMMAND`: the help
         typer.echo(e.format_message(), err=True)
-        code = EXIT_ERROR
+        code = EXIT_USAGE
     except click_errors.UsageError as e:
         command = e.ctx.command_path.partition(" ")[2] if e.ctx else ""
         typer.echo(f"error: {e.format_message()} (see c2am {command + ' ' if command else ''}--help)", err=True)
-        code = EXIT_ERROR
+        code = EXIT_USAGE
     except click_errors.Abort:
         typer.echo("interrupted", err=True)
-        code = 130
+        code = EXIT_INTERRUPTED
     sys.exit(code or 0)
 
 

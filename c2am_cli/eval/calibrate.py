@@ -87,8 +87,9 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
 
     from ..data.images import load_image
     from ..data.datasets import IGNORE, load_dataset
-    from .evaluate import ModelMaps, Protocol, split_ids
+    from .evaluate import Protocol, split_ids
     from .metrics import BoxAccumulator, MaskAccumulator, best_index
+    from .sources import ModelMaps
     from ..models.c2am import C2AM
 
     ds = load_dataset(dataset, root)
@@ -116,16 +117,16 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
 
     fit, kept, failed = CalibrationFit(), [], []
     maps = source.iterate(cal.items, [t.size for t in truths], True, True)
-    for k, box, full, error, plain in tqdm(maps, total=len(truths), desc="calibrate", unit="img", disable=not progress):
-        item, truth = cal.items[k], truths[k]
-        if error is not None:
-            failed.append({"id": item.id, "reason": error})
+    for m in tqdm(maps, total=len(truths), desc="calibrate", unit="img", disable=not progress):
+        item, truth = cal.items[m.index], truths[m.index]
+        if m.error is not None:
+            failed.append({"id": item.id, "reason": m.error})
             continue
         mask = truth.mask
         if ds.task == "semantic":
             mask = np.where(mask == IGNORE, IGNORE, (mask > 0).astype(np.uint8)).astype(np.uint8)
-        fit.add(full, mask)
-        kept.append((item, truth, box, full, mask, plain))
+        fit.add(m.full, mask)
+        kept.append((item, truth, m.box, m.full, mask, m.corloc))
     if not kept:
         raise C2AMError(f"calibrate: no calibration image could be read ({len(failed)} failed)")
     knots = fit.knots()

@@ -9,7 +9,7 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +27,16 @@ from ..runtime.errors import C2AMError, ImageError
 from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
 from ..models.c2am import C2AM
 from ..runtime.device import autocast, resolve_device
+from ..runtime.exits import EXIT_SOME_FAILED, RunSummary  # noqa: F401  (EXIT_SOME_FAILED: re-exported)
 
-EXIT_SOME_FAILED = 3  # documented exit code: the run finished, but some inputs could not be read
 
 
-@dataclass
-class LocalizeSummary:
-    out: Path
+@dataclass(kw_only=True)
+class LocalizeSummary(RunSummary):
+    """`processed`: localised in this run; `failed`: {"path", "reason"} per unreadable image."""
+
     images: int = 0  # images found
-    processed: int = 0  # localised in this run
     resumed: int = 0  # already done by an earlier run, skipped
-    failed: list[dict] = field(default_factory=list)  # {"path", "reason"}
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
 
 
 def output_names(files: list[str], suffix: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ logits on that image, so the breed the network sees counts most."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from ..data.images import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
 from ..data.datasets import VOC_CLASSES
 from ..runtime.errors import C2AMError
 from ..runtime.io import JsonLines, save_npz_atomic
-from .refine import EXIT_SOME_FAILED, class_index, image_index, read_labels, record_failure
+from ..runtime.exits import RunSummary
+from .refine import class_index, image_index, read_labels, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
 
@@ -140,16 +141,9 @@ class ClassifierCAM(nn.Module):
         return total / total.flatten(1).max(1).values.clamp_min(1e-5)[:, None, None]
 
 
-@dataclass
-class CamsSummary:
-    out: Path
-    processed: int = 0
+@dataclass(kw_only=True)
+class CamsSummary(RunSummary):
     unlabeled: int = 0  # images without labels, skipped
-    failed: list[dict] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
 
 
 def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lite0", classifier_weights: str | None = "timm",

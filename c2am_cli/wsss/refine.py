@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..data.images import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
 from ..data.datasets import VOC_CLASSES
 from ..runtime.errors import C2AMError
+from ..runtime.exits import RunSummary
 from ..runtime.io import JsonLines, save_png_atomic
 
 DENSE_SCALES = (0.5, 1.0, 1.5, 2.0)  # METHOD.md: dense maps for WSSS, each with its horizontal flip
@@ -23,7 +24,6 @@ KEY_CONVENTIONS = ("auto", "zero", "background")
 DEFAULT_BG_THRESHOLD = 0.15  # IRN's cam_eval_thres for plain CAMs
 DEFAULT_SOFT_POWER = 1.0  # soft mode: bg_score = (1 - map) ** power; 1 is CCAM's own "1 - saliency" background
 CRF_GT_PROB = 0.7  # IRN's crf_inference_label: confidence given to the cue's labels
-EXIT_SOME_FAILED = 3
 CAM_SUFFIXES = (".npy", ".npz", ".png")
 
 
@@ -458,15 +458,9 @@ def read_cue_map(cues_dir, key: str) -> np.ndarray:
     return m / max(float(m.max()), 1e-5)
 
 
-@dataclass
-class RefineSummary:
-    out: Path
-    processed: int = 0
-    failed: list[dict] = field(default_factory=list)  # {"id", "path", "reason"}
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
+@dataclass(kw_only=True)
+class RefineSummary(RunSummary):
+    """`failed`: {"id", "path", "reason"} per image that could not be refined."""
 
 
 def record_failure(summary, errors, record: dict, progress: bool) -> None:
