@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 from c2am_cli import C2AM, C2AMError, ModelConfig
 from c2am_cli.wsss.cams import VOC_IMAGENET, ClassifierCAM, build_classifier, compute_cams, load_class_map
 from c2am_cli.cli import app
-from c2am_cli.wsss.refine import (ClassCAMs, Refiner, background_score, cams_from_array, cams_from_dict, crf_cue, find_cams,
-                             load_cam_file, mask_image, read_labels, refine, refine_cams, resolve_keys, voc_palette)
+from c2am_cli.wsss.cam_files import (ClassCAMs, cams_from_array, cams_from_dict, find_cams, load_cam_file, read_labels,
+                                     resolve_keys)
+from c2am_cli.wsss.refine import Refiner, background_score, crf_cue, mask_image, refine, refine_cams, voc_palette
 
 H, W = 4, 6
 

@@ -21,7 +21,8 @@ from ..data.datasets import VOC_CLASSES
 from ..runtime.errors import C2AMError
 from ..runtime.io import JsonLines, save_npz_atomic
 from ..runtime.exits import RunSummary
-from .refine import class_index, image_index, read_labels, record_failure
+from .cam_files import class_index, read_labels
+from .refine import image_index, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
 
