@@ -50,3 +50,10 @@ def test_old_flat_module_paths_warn_and_reexport(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         from c2am_cli.data import images  # noqa: F401  (a submodule is no deprecated name)
+
+
+def test_cli_option_defaults_match_the_library():
+    from c2am_cli.cli.options import MAX_PIXELS
+    from c2am_cli.data.images import DEFAULT_MAX_PIXELS
+
+    assert MAX_PIXELS == DEFAULT_MAX_PIXELS
