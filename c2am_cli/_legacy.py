@@ -120,9 +120,23 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 _FINDER = _Finder()
 
 
-def install() -> None:
+class _Package(types.ModuleType):
+    """The top package: an old module path imported as `c2am_cli.train` or `c2am_cli.refine` does not replace the
+    public function of that name (as in 0.1, where the function was bound after its module)."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and name in self._PUBLIC and f"{self.__name__}.{name}" in MOVED:
+            return
+        super().__setattr__(name, value)
+
+
+def install(package: str, public: dict) -> None:
+    """Answer for the old module paths, and keep the package's public names from being shadowed by them."""
     if not any(f is _FINDER for f in sys.meta_path):
         sys.meta_path.append(_FINDER)
+    module = sys.modules[package]
+    module._PUBLIC = public
+    module.__class__ = _Package
 
 
 def attribute(name: str):

@@ -11,6 +11,12 @@ PACKAGE = REPO / "c2am_cli"
 MAX_LINES = 500
 
 
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
 def test_no_import_cycles_between_modules():
     """No module imports anything that imports it back, directly or through others (imports inside functions too)."""
     grimp = pytest.importorskip("grimp")
@@ -31,6 +37,22 @@ def test_layers_contract_holds():
     done = subprocess.run([*cmd, "--no-cache"], cwd=REPO, capture_output=True, text=True,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_import_c2am_cli_does_not_import_torch():
+    code = "import sys, c2am_cli; c2am_cli.__version__; c2am_cli.C2AMError; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_public_names_load_on_first_use():
+    import c2am_cli
+    from c2am_cli.models.c2am import C2AM
+
+    assert c2am_cli.C2AM is C2AM
+    assert set(c2am_cli.__all__) <= set(dir(c2am_cli))
+    with pytest.raises(AttributeError):
+        c2am_cli.no_such_name
 
 
 def test_old_flat_module_paths_warn_and_reexport(monkeypatch):
@@ -57,3 +79,13 @@ def test_cli_option_defaults_match_the_library():
     from c2am_cli.data.images import DEFAULT_MAX_PIXELS
 
     assert MAX_PIXELS == DEFAULT_MAX_PIXELS
+
+
+def test_an_old_module_path_does_not_shadow_the_public_function(monkeypatch):
+    import c2am_cli
+    from c2am_cli.training.trainer import train
+
+    monkeypatch.delitem(sys.modules, "c2am_cli.train", raising=False)
+    with pytest.warns(DeprecationWarning):
+        import c2am_cli.train  # noqa: F401
+    assert c2am_cli.train is train
