@@ -248,3 +248,34 @@ def test_jsonlines_extend_is_one_append(tmp_path):
     jl.extend([])
     jl.close()
     assert JsonLines(tmp_path / "m.jsonl").read() == [{"a": 1}, {"b": 2}, {"c": "é"}]
+
+
+def test_localize_with_maps_and_overlays_opens_each_image_once(tmp_path):
+    """`c2am localize DIR --maps M --overlays O` with the embedded default (calibrated, CRF): under strace, each image
+    file is opened once; the decoded full-size image travels with the batch to the CRF and the overlay."""
+    import shutil
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    images = tmp_path / "images"
+    images.mkdir()
+    examples = Path(__file__).resolve().parents[1] / "examples" / "images"
+    for name in ("cat.jpg", "coffee.jpg"):
+        shutil.copy(examples / name, images / name)
+    _image(3).save(images / "shapes.png")
+    ImageOps.exif_transpose(_image(4)).save(images / "turned.jpg", exif=_exif(6))
+    log = tmp_path / "strace.log"
+    cmd = [strace, "-f", "-e", "trace=openat", "-o", str(log), sys.executable, "-m", "c2am_cli", "localize", str(images),
+           "--out", str(tmp_path / "boxes.json"), "--maps", str(tmp_path / "maps"), "--overlays", str(tmp_path / "overlays"),
+           "--workers", "0", "--device", "cpu", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    opened = [line for line in log.read_text().splitlines() if "openat(" in line and "ENOENT" not in line]
+    for name in ("cat.jpg", "coffee.jpg", "shapes.png", "turned.jpg"):
+        assert sum(f'{images / name}"' in line for line in opened) == 1, [line for line in opened if name in line]
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 4 and len(list((tmp_path / "maps").glob("*.npy"))) == 4

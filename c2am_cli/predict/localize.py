@@ -282,7 +282,9 @@ class Localizer:
                         fail(rel, failed_before[rel], record=False)
             summary.resumed = sum(f in done for f in files)
             npy_names, png_names = output_names(all_files, ".npy"), output_names(all_files, ".png")
-            ds = SquashedImages(image_dir, todo, self.model.config.model.image_size, self.max_pixels, self.gpu_decode)
+            mc = self.model.config.model
+            photo = overlays_dir is not None or ((maps_dir is not None or self.boxes_from == "mask") and uses_image(mc))
+            ds = SquashedImages(image_dir, todo, mc.image_size, self.max_pixels, self.gpu_decode, keep_full=photo)
             loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                                 collate_fn=collate, pin_memory=self.device.type == "cuda",
                                 prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
@@ -290,21 +292,21 @@ class Localizer:
             work = InOrder(threads=min(4, os.cpu_count() or 1), limit=4 * self.batch_size)
             previous = None  # the last batch's maps, on their way to the host while the next batch runs
 
-            def submit(maps, ready, indices, sizes) -> None:
+            def submit(maps, ready, indices, sizes, photos) -> None:
                 if ready is not None:
                     ready.synchronize()
-                for idx, size, m in zip(indices, sizes, maps):
+                for idx, size, m, photo in zip(indices, sizes, maps, photos):
                     rel = todo[idx]
                     if rel not in done:  # else redone only to keep this chunk's batch as it was
                         work.submit(rel, self._one, image_dir, rel, size, m, maps_dir, map_format, overlays_dir,
-                                    npy_names[rel], png_names[rel])
+                                    npy_names[rel], png_names[rel], photo)
 
             with tqdm(total=len(todo), desc="localize", unit="img", disable=not progress) as bar:
                 for batch in loader:
                     for idx, reason in batch.errors:
                         fail(todo[idx], reason)
-                    images, indices, sizes = self._gather(batch, image_dir, todo, fail)
-                    current = (*self._to_host(self.maps(images)), indices, sizes) if indices else None
+                    images, indices, sizes, photos = self._gather(batch, image_dir, todo, fail)
+                    current = (*self._to_host(self.maps(images)), indices, sizes, photos) if indices else None
                     if previous is not None:
                         submit(*previous)
                     previous = current
@@ -371,10 +373,13 @@ class Localizer:
         return host, ready
 
     def _gather(self, batch, image_dir: Path, todo: list[str], fail):
-        """(uint8 images, indices, sizes) of a batch's good images; with gpu_decode, its JPEGs are decoded by nvjpeg
-        (batched), turned upright and squashed on the device; what nvjpeg refuses goes through load_image_tensor."""
+        """(uint8 images, indices, sizes, full-size images or None) of a batch's good images; with gpu_decode, its
+        JPEGs are decoded by nvjpeg (batched), turned upright and squashed on the device; what nvjpeg refuses goes
+        through load_image_tensor. (The full-size images of JPEGs decoded on the GPU are not kept: the work after the
+        forward reads those files again if it needs the photo.)"""
+        photos = batch.full or [None] * len(batch.indices)
         if not batch.encoded:
-            return batch.images, batch.indices, batch.sizes
+            return batch.images, batch.indices, batch.sizes, photos
         size = self.model.config.model.image_size
         encoded = {slot: (data, orientation) for slot, data, orientation in batch.encoded}
         decoded = iter(batch.images if batch.images is not None else [])
@@ -388,7 +393,7 @@ class Localizer:
                 except RuntimeError:
                     gpu.append(None)
         gpu = dict(zip(encoded, gpu))
-        images, indices, sizes = [], [], []
+        images, indices, sizes, kept = [], [], [], []
         for slot, idx in enumerate(batch.indices):
             if slot not in encoded:
                 image = next(decoded).to(self.device, non_blocking=True)
@@ -403,9 +408,11 @@ class Localizer:
             images.append(image)
             indices.append(idx)
             sizes.append(batch.sizes[slot])
-        return (torch.stack(images) if images else None), indices, sizes
+            kept.append(photos[slot])
+        return (torch.stack(images) if images else None), indices, sizes, kept
 
-    def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name) -> dict:
+    def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name, photo=None) -> dict:
+        """Boxes, map files and the overlay of one image; `photo` is its decoded full-size image, if the loader kept it."""
         w, h = size
         mc = self.model.config.model
         from_mask = self.boxes_from == "mask"
@@ -414,7 +421,9 @@ class Localizer:
             boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
         if from_mask or maps_dir is not None or overlays_dir is not None:
             img = None
-            if overlays_dir is not None or uses_image(mc):
+            if photo is not None:
+                img = Image.fromarray(np.ascontiguousarray(photo.permute(1, 2, 0).numpy()))  # the pixels of load_image
+            elif overlays_dir is not None or uses_image(mc):
                 try:
                     img = load_image(Path(image_dir) / rel, self.max_pixels)
                 except ImageError:
