@@ -26,7 +26,7 @@ MOVED = {  # old module -> the modules that hold its names now (looked up in thi
     "c2am_cli.calibration": ("c2am_cli.eval.calibrate", "c2am_cli.maps.calibration"),
     "c2am_cli.metrics": ("c2am_cli.eval.metrics",),
     "c2am_cli.evaluate": ("c2am_cli.eval.evaluate", "c2am_cli.eval.sources", "c2am_cli.eval.run", "c2am_cli.eval.plots"),
-    "c2am_cli.infer": ("c2am_cli.predict.localize", "c2am_cli.predict.outputs", "c2am_cli.runtime.exits"),
+    "c2am_cli.infer": ("c2am_cli.predict.localize", "c2am_cli.predict.predictor", "c2am_cli.runtime.exits"),
     "c2am_cli.refine": ("c2am_cli.wsss.refine", "c2am_cli.wsss.cam_files", "c2am_cli.runtime.exits"),
     "c2am_cli.cams": ("c2am_cli.wsss.cams",),
     "c2am_cli.train": ("c2am_cli.training.trainer", "c2am_cli.runtime.device"),

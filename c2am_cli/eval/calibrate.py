@@ -112,10 +112,12 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
                        ("scales", tuple(scales) if scales else None)):
         if value is not None:
             setattr(mc, key, value)
-    source = ModelMaps(cal.image_root, model, device=device, batch_size=batch_size, num_workers=num_workers)
+    source = ModelMaps(cal.image_root, model, device=device, batch_size=batch_size, num_workers=num_workers,
+                       keep_photos=crf)  # each image decoded once: for its map and for the CRF settings
     truths = [cal.ground_truth(it) for it in cal.items]
 
     fit, kept, failed = CalibrationFit(), [], []
+    images = {}  # decoded once (with the maps) for all CRF settings
     maps = source.iterate(cal.items, [t.size for t in truths], True, True)
     for m in tqdm(maps, total=len(truths), desc="calibrate", unit="img", disable=not progress):
         item, truth = cal.items[m.index], truths[m.index]
@@ -127,6 +129,8 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
             mask = np.where(mask == IGNORE, IGNORE, (mask > 0).astype(np.uint8)).astype(np.uint8)
         fit.add(m.full, mask)
         kept.append((item, truth, m.box, m.full, mask, m.corloc))
+        if m.photo is not None:
+            images[item.id] = m.photo
     if not kept:
         raise C2AMError(f"calibrate: no calibration image could be read ({len(failed)} failed)")
     knots = fit.knots()
@@ -134,7 +138,6 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
     from ..maps.boxes import normalize_map
     from ..maps.edges import crf_probability
 
-    images = {}  # decoded once for all CRF settings
     scores, best = {}, None
     for iterations, bilateral in (CRF_CANDIDATES if crf else CRF_CANDIDATES[:1]):
         acc, refined = MaskAccumulator(), []
@@ -142,7 +145,7 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
             p = apply_calibration(full, knots)
             if iterations:
                 if item.id not in images:
-                    images[item.id] = np.asarray(load_image(cal.image_root / item.image, source.localizer.max_pixels))
+                    images[item.id] = np.asarray(load_image(cal.image_root / item.image, source.predictor.max_pixels))
                 try:
                     p = crf_probability(images[item.id], p, iterations, bilateral)
                 except ImportError as e:

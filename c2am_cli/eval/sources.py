@@ -26,6 +26,7 @@ class SourceMaps:
     full: np.ndarray | None = None  # at the ground truth's size, for the mask metrics
     error: str | None = None  # why this item has no maps (then every map is None)
     corloc: np.ndarray | None = None  # at image size, the map CorLoc mines boxes from; None: use `full`
+    photo: np.ndarray | None = None  # the decoded image, (H, W, 3) uint8, where the source was asked to keep it
 
     def __iter__(self):
         return iter((self.index, self.box, self.full, self.error, self.corloc))
@@ -185,25 +186,31 @@ class Baseline(MapSource):
 
 
 class ModelMaps(MapSource):
-    """Maps of a C2AM model run on the fly (Localizer.maps on batches of squashed images)."""
+    """Maps of a C2AM model run on the fly: the Predictor `localize` uses, on the same squashed images, each file
+    decoded once (its photo, for the refinement or `keep_photos`, comes from that decode too)."""
 
     name = "weights"
     normalized = True  # iterate() normalises and refines them itself
 
     def __init__(self, image_root, weights=None, device: str = "auto", scales=None, flip=None, batch_size: int = 32,
-                 num_workers: int = 2, boxes_from: str | None = None):
-        from ..predict.localize import Localizer
+                 num_workers: int = 2, boxes_from: str | None = None, keep_photos: bool = False):
+        from ..predict.predictor import Predictor
 
         self.image_root = Path(image_root)
-        self.localizer = Localizer(weights, device=device, scales=scales, flip=flip, batch_size=batch_size,
+        self.predictor = Predictor(weights, device=device, scales=scales, flip=flip, batch_size=batch_size,
                                    num_workers=num_workers, boxes_from=boxes_from)
+        self.keep_photos = keep_photos  # SourceMaps.photo: the decoded image, (H, W, 3) uint8
+
+    @property
+    def localizer(self):  # the name of 0.1
+        return self.predictor
 
     def describe(self) -> dict:
-        return {"kind": "weights", **self.localizer.settings()}
+        return {"kind": "weights", **self.predictor.settings()}
 
     @property
     def threshold(self) -> float:
-        return self.localizer.threshold
+        return self.predictor.threshold
 
     def iterate(self, items, sizes, need_box, need_full):
         """Box maps min-max normalised at RESIZE; full maps refined as the weights say (normalised when not
@@ -211,30 +218,23 @@ class ModelMaps(MapSource):
         from: the plain activation map, or with boxes from masks the refined map (squashed to RESIZE for the
         wsolevaluation metrics)."""
         import torch.nn.functional as F
-        from torch.utils.data import DataLoader
 
-        from ..data.images import ImageFolder, collate, eval_transform, load_image
         from ..maps.edges import full_size_map, uses_image
 
-        loc = self.localizer
-        mc = loc.model.config.model
-        needs_image = uses_image(mc)
-        from_mask = loc.boxes_from == "mask"
-        ds = ImageFolder(self.image_root, [it.image for it in items], eval_transform(mc.image_size, mc.mean, mc.std),
-                         loc.max_pixels)
-        loader = DataLoader(ds, batch_size=loc.batch_size, shuffle=False, num_workers=loc.num_workers, collate_fn=collate)
-        for batch in loader:
-            for idx, reason in batch.errors:
+        pred = self.predictor
+        mc = pred.model.config.model
+        from_mask = pred.boxes_from == "mask"
+        refine_photo = uses_image(mc) and (need_full or from_mask)
+        files = [it.image for it in items]
+        for predictions, errors in pred.predict(self.image_root, files, photos=refine_photo or self.keep_photos):
+            for idx, reason in errors:
                 yield SourceMaps(idx, error=reason)
-            if not len(batch):
-                continue
-            maps = loc.maps(batch.images)[:, None]
-            for j, idx in enumerate(batch.indices):
-                m = maps[j:j + 1]
+            for p in predictions:
+                idx, m = p.index, p.map[None, None]
                 box = full = corloc = None
+                image = p.image()
                 if need_full or from_mask:
-                    image = load_image(self.image_root / items[idx].image, loc.max_pixels) if needs_image else None
-                    full = full_size_map(m[0, 0], sizes[idx], image, mc)
+                    full = full_size_map(m[0, 0], sizes[idx], image if refine_photo else None, mc)
                     if not mc.calibration:
                         full = normalize_map(full)
                     corloc = normalize_map(full if from_mask else full_size_map(m[0, 0], sizes[idx]))
@@ -243,4 +243,5 @@ class ModelMaps(MapSource):
                 elif need_box:
                     box = m if m.shape[-2:] == (RESIZE, RESIZE) else F.interpolate(m, size=(RESIZE, RESIZE), mode="bilinear", align_corners=False)
                     box = normalize_map(box[0, 0].clamp(0, 1).cpu().numpy())
-                yield SourceMaps(idx, box, full if need_full else None, corloc=corloc)
+                photo = np.asarray(image) if self.keep_photos and image is not None else None
+                yield SourceMaps(idx, box, full if need_full else None, corloc=corloc, photo=photo)
