@@ -111,6 +111,51 @@ class InOrder:
         self.pool.shutdown(wait=True)
 
 
+@dataclass
+class Outputs:
+    """Where one run writes per image: map files (npy, png or both) and overlays, and each input's output names."""
+
+    maps_dir: Path | None
+    map_format: str
+    overlays_dir: Path | None
+    npy_names: dict[str, str]
+    png_names: dict[str, str]
+
+
+@dataclass
+class _Job:
+    """One run's bookkeeping: the manifest and errors file it appends to, what is done, and the work in flight."""
+
+    image_dir: Path
+    summary: LocalizeSummary
+    manifest: JsonLines
+    errors: JsonLines
+    strict: bool
+    done: dict
+    todo: list = dataclasses.field(default_factory=list)
+    work: InOrder | None = None
+
+    def fail(self, rel: str, reason: str, record: bool = True) -> None:
+        if record:
+            self.manifest.append({"failed": {"path": rel, "reason": reason}})
+        self.errors.append({"path": rel, "reason": reason})
+        self.summary.failed.append({"path": rel, "reason": reason})
+        if self.strict:
+            raise ImageError(self.image_dir / rel, reason)
+        tqdm.write(f"warning: {rel}: {reason} (skipped)", file=sys.stderr)
+
+    def drain(self, wait_all: bool = False) -> None:
+        """Record the finished images, in order, after their files: a manifest record means all is written."""
+        records = []
+        try:
+            for rel, record in self.work.ready(wait_all):
+                records.append({"record": record})
+                self.done[rel] = record
+                self.summary.processed += 1
+        finally:
+            self.manifest.extend(records)  # one fsync for them all
+
+
 class Localizer(Predictor):
     """Runs a C2AM model over image folders and writes maps, overlays and boxes (the folder job over a Predictor).
 
@@ -172,81 +217,32 @@ class Localizer(Predictor):
         errors.reset()  # this run's failures only: earlier ones are retried, and reported anew
         if not manifest.read():
             manifest.append({"settings": fingerprint, **settings})
-
-        def fail(rel: str, reason: str, record: bool = True) -> None:
-            if record:
-                manifest.append({"failed": {"path": rel, "reason": reason}})
-            errors.append({"path": rel, "reason": reason})
-            summary.failed.append({"path": rel, "reason": reason})
-            if strict:
-                raise ImageError(image_dir / rel, reason)
-            tqdm.write(f"warning: {rel}: {reason} (skipped)", file=sys.stderr)
-
-        todo, work = [], None
-
-        def drain(wait_all: bool = False) -> None:
-            """Record the finished images, in order, after their files: a manifest record means all is written."""
-            records = []
-            try:
-                for rel, record in work.ready(wait_all):
-                    records.append({"record": record})
-                    done[rel] = record
-                    summary.processed += 1
-            finally:
-                manifest.extend(records)  # one fsync for them all
-
+        job = _Job(image_dir, summary, manifest, errors, strict, done)
+        outputs = Outputs(maps_dir, map_format, overlays_dir, output_names(all_files, ".npy"),
+                          output_names(all_files, ".png"))
         try:
             for rel, reason in scan_errors:
-                fail(rel, reason, record=False)
+                job.fail(rel, reason, record=False)
             for start in range(0, len(files), self.batch_size):
                 chunk = files[start:start + self.batch_size]
                 if not self._settled(image_dir, chunk, done, failed_before):
-                    todo += chunk
+                    job.todo += chunk
                     continue
                 for rel in chunk:
                     if rel in failed_before and rel not in done:
-                        fail(rel, failed_before[rel], record=False)
+                        job.fail(rel, failed_before[rel], record=False)
             summary.resumed = sum(f in done for f in files)
-            npy_names, png_names = output_names(all_files, ".npy"), output_names(all_files, ".png")
-            photo = self.needs_photo(maps=maps_dir is not None, overlays=overlays_dir is not None)
-            loader = self.loader(image_dir, todo, photos=photo)
-            work = InOrder(threads=min(4, os.cpu_count() or 1), limit=4 * self.batch_size)
-            previous = None  # the last batch's maps, on their way to the host while the next batch runs
-
-            def submit(maps, ready, indices, sizes, photos) -> None:
-                if ready is not None:
-                    ready.synchronize()
-                for idx, size, m, photo in zip(indices, sizes, maps, photos):
-                    rel = todo[idx]
-                    if rel not in done:  # else redone only to keep this chunk's batch as it was
-                        work.submit(rel, self._one, image_dir, rel, size, m, maps_dir, map_format, overlays_dir,
-                                    npy_names[rel], png_names[rel], photo)
-
-            with tqdm(total=len(todo), desc="localize", unit="img", disable=not progress) as bar:
-                for batch in loader:
-                    for idx, reason in batch.errors:
-                        fail(todo[idx], reason)
-                    images, indices, sizes, photos = self._gather(batch, image_dir, todo, fail)
-                    current = (*self._to_host(self.maps(images)), indices, sizes, photos) if indices else None
-                    if previous is not None:
-                        submit(*previous)
-                    previous = current
-                    drain()
-                    bar.update(len(batch) + len(batch.errors))
-                    pause_for_tests()
-                if previous is not None:
-                    submit(*previous)
-                drain(wait_all=True)
+            self._stream(job, outputs, progress)
         except BaseException:
-            if work is not None:  # the run stops (--strict, a write error, Ctrl-C): what the threads finished is recorded
+            if job.work is not None:  # the run stops (--strict, a write error, Ctrl-C): what the threads finished is recorded
                 try:
-                    drain(wait_all=True)
+                    job.drain(wait_all=True)
                 except Exception:
                     pass  # the first error is the one to report
             raise
         finally:
-            if work is not None:
-                work.close()
+            if job.work is not None:
+                job.work.close()
             manifest.close()
             errors.close()
         records = [done[f] for f in files if f in done]
@@ -255,6 +251,37 @@ class Localizer(Predictor):
         else:
             write_json_atomic(out, {"version": 1, "weights": self.weights_name, "threshold": self.threshold, "images": records})
         return summary if distributed.world_size() == 1 else merge_parts(summary, all_files, *final)
+
+    def _stream(self, job: _Job, outputs: Outputs, progress: bool) -> None:
+        """The images to do through the model, batch after batch; each batch's per-image work (boxes, files) is
+        queued while the next batch runs, and what is finished is recorded."""
+        photo = self.needs_photo(maps=outputs.maps_dir is not None, overlays=outputs.overlays_dir is not None)
+        loader = self.loader(job.image_dir, job.todo, photos=photo)
+        job.work = InOrder(threads=min(4, os.cpu_count() or 1), limit=4 * self.batch_size)
+        previous = None  # the last batch's maps, on their way to the host while the next batch runs
+        with tqdm(total=len(job.todo), desc="localize", unit="img", disable=not progress) as bar:
+            for batch in loader:
+                for idx, reason in batch.errors:
+                    job.fail(job.todo[idx], reason)
+                images, indices, sizes, photos = self._gather(batch, job.image_dir, job.todo, job.fail)
+                current = (*self._to_host(self.maps(images)), indices, sizes, photos) if indices else None
+                if previous is not None:
+                    self._submit(job, outputs, *previous)
+                previous = current
+                job.drain()
+                bar.update(len(batch) + len(batch.errors))
+                pause_for_tests()
+            if previous is not None:
+                self._submit(job, outputs, *previous)
+            job.drain(wait_all=True)
+
+    def _submit(self, job: _Job, outputs: Outputs, maps, ready, indices, sizes, photos) -> None:
+        if ready is not None:
+            ready.synchronize()
+        for idx, size, m, photo in zip(indices, sizes, maps, photos):
+            rel = job.todo[idx]
+            if rel not in job.done:  # else redone only to keep this chunk's batch as it was
+                job.work.submit(rel, self._one, job.image_dir, rel, size, m, outputs, photo)
 
     @staticmethod
     def _skip_outputs(image_dir: Path, files: list[str], folders) -> list[str]:
@@ -282,8 +309,10 @@ class Localizer(Predictor):
                     failed_before[f] = e.reason
         return True
 
-    def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name, photo=None) -> dict:
+    def _one(self, image_dir, rel, size, m, outputs: Outputs, photo=None) -> dict:
         """Boxes, map files and the overlay of one image; `photo` is its decoded full-size image, if the loader kept it."""
+        maps_dir, map_format, overlays_dir = outputs.maps_dir, outputs.map_format, outputs.overlays_dir
+        npy_name, png_name = outputs.npy_names[rel], outputs.png_names[rel]
         w, h = size
         mc = self.model.config.model
         from_mask = self.boxes_from == "mask"
