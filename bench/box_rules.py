@@ -33,11 +33,11 @@ def set_maps(weights: str, device: str) -> dict:
     """Per set: a list of (map at image size, min-max normalised; ground-truth boxes)."""
     from torch.utils.data import DataLoader
 
-    from c2am_cli.boxes import normalize_map
-    from c2am_cli.data import ImageFolder, collate, eval_transform
-    from c2am_cli.datasets import load_dataset
-    from c2am_cli.edges import full_size_map
-    from c2am_cli.infer import Localizer
+    from c2am_cli.maps.boxes import normalize_map
+    from c2am_cli.data.images import ImageFolder, collate, eval_transform
+    from c2am_cli.data.datasets import load_dataset
+    from c2am_cli.maps.edges import full_size_map
+    from c2am_cli.predict.localize import Localizer
 
     loc = Localizer(weights, device=device, num_workers=0)
     mc = loc.model.config.model
@@ -60,7 +60,7 @@ def set_maps(weights: str, device: str) -> dict:
 def hits(fm: np.ndarray, gt: np.ndarray, taus) -> np.ndarray:
     """Per tau: does the largest contour's box (wsolevaluation's mining, as `c2am eval`) reach IoU 0.5 with a
     ground-truth box?"""
-    from c2am_cli.metrics import box_iou, sweep_boxes
+    from c2am_cli.eval.metrics import box_iou, sweep_boxes
 
     return box_iou(sweep_boxes(fm, taus).largest, gt).max(axis=1) >= 0.5
 
@@ -75,7 +75,7 @@ RULES = {  # name: (parameter grid, tau of a map for parameter k)
 
 
 def main(argv=None) -> None:
-    from c2am_cli.metrics import calibration_split
+    from c2am_cli.eval.metrics import calibration_split
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", default="default")

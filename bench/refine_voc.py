@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from c2am_cli.data import load_image
-from c2am_cli.datasets import read_id_list, read_label_png
-from c2am_cli.metrics import miou_from_confusion, semantic_confusion
-from c2am_cli.refine import background_score, crf_cue, find_cams, read_cue_map, read_labels, refine_cams
+from c2am_cli.data.images import load_image
+from c2am_cli.data.datasets import read_id_list, read_label_png
+from c2am_cli.eval.metrics import miou_from_confusion, semantic_confusion
+from c2am_cli.wsss.cam_files import find_cams, read_labels
+from c2am_cli.wsss.refine import background_score, crf_cue, read_cue_map, refine_cams
 
 DATA = Path(os.environ.get("C2AM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

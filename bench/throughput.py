@@ -14,13 +14,17 @@ Usage (1.5 to 3.5 minutes on a 2-core CPU; every number of one run comes from th
     pre-decoded tensors: no decoding, boxes or writing, so b/c is generous to grad-cam;
 (d) the library's C2AM training step (Trainer._step: head, embeddings, contrastive loss, 4 parameter groups) against
     the same backbone's forward + mean() + backward + SGD step, alternating step by step.
+(e) the embedded default as shipped (weights/default: its test-time scales and flip, its box rule), `localize`
+    boxes only and then with --maps (its calibration and dense CRF at image size), against the bare forwards of the
+    same scales and flip, in the same run; and the map refinement alone, timed image by image with nothing to hide
+    behind, so that the note can say what --maps costs per image and how much of it the forward hides.
 (a) is timed just before and just after each (b) and each ratio is the median of its per-round ratios; CPU time
 (this process's threads and its reaped workers) is reported beside wall time: on a shared machine the wall time of one
 measurement depends on what else runs, its CPU time much less.
 The RSS runs are subprocesses localising 1,000 and 10,000 names (hard links to a few distinct small JPEGs) at
 --rss-image-size; memory must not grow with the number of images.
 Targets: b/a >= 0.9 (batch 32, 224, tf_efficientnet_lite0 and resnet50), b/c >= 5, d >= 0.85, RSS(10k) within 10%
-of RSS(1k).
+of RSS(1k), and for the shipped default (e) boxes/a >= 0.85.
 """
 from __future__ import annotations
 
@@ -47,9 +51,10 @@ sys.path.insert(0, str(REPO / "tests"))  # synthetic.py: textured images with on
 from synthetic import make_image  # noqa: E402
 
 from c2am_cli import C2AM, Localizer, ModelConfig, TrainConfig  # noqa: E402
-from c2am_cli.data import ImageFolder, collate, eval_transform, scan_images  # noqa: E402
-from c2am_cli.model import read_config  # noqa: E402
-from c2am_cli.train import Trainer, _autocast, set_train_mode  # noqa: E402
+from c2am_cli.data.images import ImageFolder, collate, eval_transform, scan_images  # noqa: E402
+from c2am_cli.config import read_config  # noqa: E402
+from c2am_cli.runtime.device import autocast  # noqa: E402
+from c2am_cli.training.trainer import Trainer, set_train_mode  # noqa: E402
 
 DEFAULT_WEIGHTS = REPO / "weights" / "default" / "model.safetensors"
 
@@ -179,7 +184,7 @@ def backbone_rate(model: C2AM, batches, n: int, device: torch.device, fmt, scale
     try:
         with Clock(device) as clock:
             for x in cycle(batches, n):
-                with _autocast(device, True):
+                with autocast(device, True):
                     for v in views(x, scales, flip):
                         body(v.contiguous(memory_format=fmt))
                 count += len(x)
@@ -195,6 +200,67 @@ def localize_rate(loc: Localizer, root: Path, out: Path, n: int, maps: Path | No
     if summary.processed != n or summary.failed:
         raise SystemExit(f"localize: {summary.processed} of {n} images localised, {len(summary.failed)} failed")
     return rates(n, clock)
+
+
+# -- (e) the embedded default as shipped -------------------------------------------------------
+def refinement_seconds(loc: Localizer, root: Path, files: list[str]) -> float:
+    """Seconds per image of what --maps adds after the forward (the map at image size, calibrated and CRF-refined
+    as the weights say), image by image, with no forward to hide behind; decoding and the forward are not timed."""
+    total, n = 0.0, 0
+    for predictions, _ in loc.predict(root, files, photos=loc.needs_photo(maps=True)):
+        for p in predictions:
+            t = time.perf_counter()
+            loc.full_map(p)
+            total, n = total + time.perf_counter() - t, n + 1
+    return total / max(n, 1)
+
+
+def shipped_default(args, tmp: Path, root: Path, files: list[str], a_format, say) -> dict | None:
+    """(e): per round, bare forwards (its scales and flip) before and after, localize boxes only, localize --maps."""
+    if not DEFAULT_WEIGHTS.exists():
+        return None
+    loc = Localizer(C2AM.from_pretrained(str(DEFAULT_WEIGHTS)), device=args.device, batch_size=args.batch_size,
+                    num_workers=args.workers)  # the weights' own scales, flip and box rule
+    device = loc.device
+    pool = predecode(root, files[: min(len(files), args.pool)], loc.model, args.batch_size, device)
+    out, maps = tmp / "e" / "boxes.json", tmp / "e" / "maps"
+    localize_rate(loc, tmp / "warm", tmp / "warm_e" / "boxes.json", args.batch_size, maps)  # warm-up
+    bare = lambda: backbone_rate(loc.model, pool, args.images, device, a_format, loc.scales, loc.flip)  # noqa: E731
+    rounds = []
+    for r in range(args.rounds):
+        before = bare()
+        row = {"boxes": localize_rate(loc, root, out, args.images, None),
+               "maps": localize_rate(loc, root, out, args.images, maps)}
+        after = bare()
+        rounds.append({"a": {c: (before[c] + after[c]) / 2 for c in before}, **row})
+        say(f"(e) round {r + 1}: " + ", ".join(f"{k} {v['wall']:.1f} img/s" for k, v in rounds[-1].items()))
+    clocks = ("wall", "cpu") if device.type == "cpu" else ("wall",)
+    med = {k: {c: statistics.median(x[k][c] for x in rounds) for c in clocks} for k in rounds[0]}
+    ratio = {f"{k}/a": {c: statistics.median(x[k][c] / x["a"][c] for x in rounds) for c in clocks} for k in ("boxes", "maps")}
+    refine = refinement_seconds(loc, root, files[: min(len(files), 64)])
+    cost = 1 / med["maps"]["wall"] - 1 / med["boxes"]["wall"]  # wall seconds per image that --maps adds
+    mc = loc.model.config.model
+    return {"scales": list(loc.scales), "flip": loc.flip, "crf_iterations": mc.crf_iterations, "clocks": clocks,
+            "rounds": rounds, "medians": med, "ratios": ratio, "refine_ms": 1000 * refine, "maps_cost_ms": 1000 * cost,
+            "hidden": min(1.0, max(0.0, 1 - cost / refine)) if refine > 0 else None}
+
+
+def print_shipped_default(e: dict) -> None:
+    print(f"\n(e) the embedded default as shipped: scales {e['scales']}, flip {e['flip']}, dense CRF "
+          f"{e['crf_iterations']} iterations; (a) its bare forwards of the same views")
+    for key, label in (("a", "(a) bare forwards, same scales and flip"), ("boxes", "localize, boxes only"),
+                       ("maps", "localize --maps (calibrated, CRF)")):
+        vals = "".join(f"{e['medians'][key][c]:11.2f}" for c in e["clocks"])
+        tail = ""
+        if key != "a":
+            r = e["ratios"][f"{key}/a"]
+            tail = f"   {key}/a " + "".join(f"{r[c]:8.3f}" for c in e["clocks"])
+            if key == "boxes":
+                tail += "   >= 0.85 " + "/".join(verdict(r[c], 0.85) for c in e["clocks"])
+        print(f"  {label:56}{vals}{tail}")
+    hidden = "n/a" if e["hidden"] is None else f"{e['hidden']:.0%}"
+    print(f"  --maps adds {e['maps_cost_ms']:.1f} ms of wall time per image; the refinement alone takes "
+          f"{e['refine_ms']:.1f} ms per image (one image at a time): {hidden} of it hides behind the forward")
 
 
 # -- (c) grad-cam EigenCAM -------------------------------------------------------------------
@@ -260,12 +326,12 @@ def train_rates(root: Path, run: Path, args, device: torch.device, batch: torch.
                           weight_decay=tc.weight_decay)
 
     def c2am_step():
-        with _autocast(trainer.device, tc.amp):
+        with autocast(trainer.device, tc.amp):
             out = trainer.model(x)
         trainer._step(out, max_step=10**9)
 
     def bare_step():
-        with _autocast(trainer.device, tc.amp):
+        with autocast(trainer.device, tc.amp):
             loss = bare(x).float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -395,7 +461,7 @@ def parse_args(argv=None):
     ap.add_argument("--rss-image-size", type=int, default=64, help="Model input size of the RSS runs (memory growth "
                                                                    "does not depend on it; time does).")
     ap.add_argument("--rss-source-size", default="96x96")
-    ap.add_argument("--skip", default="", help="Comma-separated parts to skip: gradcam, train, rss.")
+    ap.add_argument("--skip", default="", help="Comma-separated parts to skip: gradcam, train, rss, default.")
     ap.add_argument("--json", default=None, help="Also write the results here.")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -480,6 +546,7 @@ def run(args, tmp: Path) -> None:
         say(f"train steps: c2am {c2am_rate['wall']:.2f}, bare {bare_rate['wall']:.2f} img/s")
         peaks["d"] = peak_rss_mib()
     rss = rss_runs(tmp, args) if "rss" not in args.skip else {}
+    shipped = shipped_default(args, tmp, root, files, formats[a_format], say) if "default" not in args.skip else None
 
     threads = torch.get_num_threads()
     print(f"\nc2am throughput: {args.backbone} ({source}) at {args.image_size}, batch {args.batch_size}, "
@@ -520,8 +587,10 @@ def run(args, tmp: Path) -> None:
                   f"(each worker <= {r['workers_mib']:.0f} MiB), {n / r['seconds']:.0f} img/s"
                   + (f"; {growth:+.1%} vs {min(rss):,} (within 10%: {verdict(abs(growth), 0.10, higher=False)})"
                      if n != min(rss) else ""))
+    if shipped:
+        print_shipped_default(shipped)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
+        Path(args.json).write_text(json.dumps({"shipped_default": shipped, "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
                                                "device": str(device), "threads": threads, "a_format": a_format,
                                                "rounds": rounds, "medians": med, "ratios": ratio,
                                                "peak_rss_mib": peaks, "rss": rss}, indent=2))

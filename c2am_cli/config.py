@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import C2AMError
+from .runtime.errors import C2AMError
 
 CONFIG_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -108,3 +108,14 @@ def _build(kind, values: dict[str, Any]):
     if unknown:
         raise C2AMError(f"unknown {kind.__name__} fields in config: {', '.join(unknown)}")
     return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+METADATA_KEY = "c2am_config"  # the one safetensors metadata key of a c2am model: its whole C2AMConfig as JSON
+
+
+def read_config(path) -> C2AMConfig:
+    """The config stored in a .safetensors file, without loading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return C2AMConfig.from_dict(json.loads((f.metadata() or {})[METADATA_KEY]))

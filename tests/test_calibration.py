@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from c2am_cli.calibration import CalibrationFit, apply_calibration, calibrate, fit_calibration
+from c2am_cli.eval.calibrate import CalibrationFit, calibrate, fit_calibration
+from c2am_cli.maps.calibration import apply_calibration
 
 
 def test_apply_interpolates_between_knots():
@@ -53,7 +54,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from c2am_cli.cli import app  # noqa: E402
 from c2am_cli.config import ModelConfig  # noqa: E402
-from c2am_cli.model import C2AM  # noqa: E402
+from c2am_cli.models.c2am import C2AM  # noqa: E402
 from synthetic import make_image  # noqa: E402
 
 
@@ -81,9 +82,10 @@ def tiny_model(tmp_path_factory):
 
 
 def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
-    from c2am_cli.calibration import calibrate
-    from c2am_cli.datasets import load_dataset
-    from c2am_cli.evaluate import ModelMaps, Protocol, evaluate, split_ids
+    from c2am_cli.eval.calibrate import calibrate
+    from c2am_cli.data.datasets import load_dataset
+    from c2am_cli.eval.evaluate import Protocol, evaluate, split_ids
+    from c2am_cli.eval.sources import ModelMaps
 
     model, report = calibrate(str(tiny_model), "masks", mask_set, fraction=0.5, seed=0, crf=False,
                               device="cpu", num_workers=0, progress=False)
@@ -95,7 +97,7 @@ def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
     check.config.model.calibration = (0.0, 1.0)
     cal = ds.select(set(cal_ids))
     sizes = [cal.ground_truth(it).size for it in cal.items]
-    pairs = [(full, cal.ground_truth(cal.items[k]).mask) for k, _, full, _, _ in
+    pairs = [(m.full, cal.ground_truth(cal.items[m.index]).mask) for m in
              ModelMaps(cal.image_root, check, device="cpu", num_workers=0).iterate(cal.items, sizes, False, True)]
     assert model.config.model.calibration == fit_calibration(pairs)
     knots = np.asarray(model.config.model.calibration)
@@ -109,10 +111,11 @@ def test_calibrate_fits_on_exactly_the_calibration_half(mask_set, tiny_model):
 
 def test_calibrate_keeps_the_best_crf_setting(mask_set, tiny_model):
     pytest.importorskip("pydensecrf.densecrf", reason="the crf extra (pydensecrf2) is not installed")
-    from c2am_cli.calibration import CRF_CANDIDATES, calibrate
+    from c2am_cli.eval.calibrate import CRF_CANDIDATES, calibrate
 
-    from c2am_cli.datasets import load_dataset
-    from c2am_cli.evaluate import ModelMaps, evaluate
+    from c2am_cli.data.datasets import load_dataset
+    from c2am_cli.eval.evaluate import evaluate
+    from c2am_cli.eval.sources import ModelMaps
 
     model, report = calibrate(str(tiny_model), "masks", mask_set, crf=True, boxes_from="mask", device="cpu",
                               num_workers=0, progress=False)
@@ -154,9 +157,9 @@ def test_calibrate_needs_masks(tmp_path, tiny_model):
 def test_eval_corloc_is_what_localize_boxes_score(mask_set, tiny_model, tmp_path, boxes_from):
     """eval's CorLoc at a fixed tau, recomputed by hand from the boxes `localize` writes with the same settings."""
     from c2am_cli import localize
-    from c2am_cli.datasets import load_dataset, mask_boxes
-    from c2am_cli.evaluate import run_eval
-    from c2am_cli.metrics import box_iou
+    from c2am_cli.data.datasets import load_dataset, mask_boxes
+    from c2am_cli.eval.run import run_eval
+    from c2am_cli.eval.metrics import box_iou
 
     model, _ = calibrate(str(tiny_model), "masks", mask_set, crf=False, device="cpu", num_workers=0, progress=False)
     path = model.save(tmp_path / "cal.safetensors")

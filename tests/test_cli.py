@@ -153,7 +153,7 @@ def two_regions(monkeypatch):
     value 1.0) and a larger, dimmer one (24 x 16, value 0.8)."""
     import torch
 
-    from c2am_cli.model import C2AM
+    from c2am_cli.models.c2am import C2AM
 
     def maps(self, x, *args, **kwargs):
         m = torch.zeros(x.shape[0], SIZE, SIZE)

@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 
 from c2am_cli import C2AMError
 from c2am_cli.cli import app
-from c2am_cli.datasets import load_dataset, mask_boxes
-from c2am_cli.evaluate import Baseline, evaluate, run_eval
+from c2am_cli.data.datasets import load_dataset, mask_boxes
+from c2am_cli.eval.evaluate import evaluate
+from c2am_cli.eval.run import run_eval
+from c2am_cli.eval.sources import Baseline
 from synthetic import make_image
 
 runner = CliRunner()
@@ -286,7 +288,7 @@ def test_weights_run_on_the_fly(tmp_path):
     assert rep["tau"]["GT-known Loc"] == 0.5 and 0 <= rep["at_tau"]["mIoU"] <= 100
     assert all(np.isfinite(v) for v in rep["oracle"].values())
     # maps written by `c2am localize --maps` are found by their relative paths
-    from c2am_cli.infer import localize
+    from c2am_cli.predict.localize import localize
 
     localize(tmp_path / "set" / "images", tmp_path / "boxes.json", weights=str(path), maps_dir=tmp_path / "maps",
              num_workers=0, batch_size=2, device="cpu", progress=False)

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from c2am_cli import C2AM, localize
-from c2am_cli.datasets import mask_boxes
-from c2am_cli.metrics import box_iou
+from c2am_cli.data.datasets import mask_boxes
+from c2am_cli.eval.metrics import box_iou
 
 pytestmark = pytest.mark.realdata
 

@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from c2am_cli import C2AM, C2AMError, ModelConfig, TrainConfig, localize, train
-from c2am_cli import onnx_import
+from c2am_cli.hub import onnx_import
 from c2am_cli.cli import app
-from c2am_cli.hub import backbone_state_dict
-from c2am_cli.model import Backbone
+from c2am_cli.hub.backbone_weights import backbone_state_dict
+from c2am_cli.models.c2am import Backbone
 from synthetic import make_folder
 
 NAME = "vit_small_patch14_dinov2"
@@ -197,7 +197,7 @@ def test_a_real_photo_gives_a_16x16_map_at_224(real_state):
     photos = sorted(ECSSD.glob("*.jpg")) if ECSSD.is_dir() else []
     if not photos:
         pytest.skip(f"real-data test: {ECSSD} is missing")
-    from c2am_cli.data import eval_transform, load_image
+    from c2am_cli.data.images import eval_transform, load_image
 
     levels = (-2, -1)
     bb = Backbone(NAME, levels).eval()

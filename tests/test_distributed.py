@@ -14,10 +14,11 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from c2am_cli import C2AM, ModelConfig, distributed
+from c2am_cli import C2AM, ModelConfig
+from c2am_cli.runtime import distributed
 from c2am_cli.cli import app
-from c2am_cli.infer import to_coco
-from c2am_cli.io import JsonLines
+from c2am_cli.predict.localize import to_coco
+from c2am_cli.runtime.io import JsonLines
 from synthetic import make_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +55,9 @@ def gathered_loss_worker(rank: int, port: int, folder: str) -> None:
     """One rank: its rows of the global batch through DDP, the loss on the embeddings gathered from all ranks."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from c2am_cli.loss import ContrastiveLoss
-    from c2am_cli.model import C2AMOutput
-    from c2am_cli.train import TrainView
+    from c2am_cli.models.loss import ContrastiveLoss
+    from c2am_cli.models.c2am import C2AMOutput
+    from c2am_cli.training.trainer import TrainView
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
@@ -76,7 +77,7 @@ def gathered_loss_worker(rank: int, port: int, folder: str) -> None:
 
 
 def test_gathered_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path):
-    from c2am_cli.loss import ContrastiveLoss
+    from c2am_cli.models.loss import ContrastiveLoss
 
     torch.multiprocessing.spawn(gathered_loss_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     model, threads = tiny_model(), torch.get_num_threads()

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from c2am_cli import edges
-from c2am_cli.boxes import normalize_map
+from c2am_cli.maps import edges
+from c2am_cli.maps.boxes import normalize_map
 from c2am_cli.config import ModelConfig
-from c2am_cli.edges import crf_probability, full_size_map, guided_filter, refine_full_map, refine_map
+from c2am_cli.maps.edges import crf_probability, full_size_map, guided_filter, refine_full_map, refine_map
 
 
 def test_flat_guide_gives_the_box_mean_of_the_box_mean():

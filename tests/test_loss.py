@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from c2am_cli.loss import ContrastiveLoss, negative_loss, positive_loss, rank_weights
+from c2am_cli.models.loss import ContrastiveLoss, negative_loss, positive_loss, rank_weights
 
 # f0 = (1, 0), f1 = (0, 1), f2 = (1, 1): cosines 0, 1/sqrt(2), and 1 on the diagonal (clamped to 0.9995)
 FG = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

@@ -3,8 +3,8 @@ import cv2
 import numpy as np
 import pytest
 
-from c2am_cli.boxes import binarize, contour_boxes, normalize_map
-from c2am_cli.metrics import (BoxAccumulator, MaskAccumulator, binarize_sweep, box_iou, calibration_split,
+from c2am_cli.maps.boxes import binarize, contour_boxes, normalize_map
+from c2am_cli.eval.metrics import (BoxAccumulator, MaskAccumulator, binarize_sweep, box_iou, calibration_split,
                               cam_thresholds, foreground_confusion, max_box_acc, miou_from_confusion,
                               pxap_from_histograms, resize_box, semantic_confusion, sweep_boxes, topk_loc)
 

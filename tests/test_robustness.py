@@ -23,10 +23,10 @@ from typer.testing import CliRunner
 
 from c2am_cli import C2AM, ModelConfig
 from c2am_cli.cli import app
-from c2am_cli.data import load_image, scan_images
-from c2am_cli.infer import output_names
-from c2am_cli.io import JsonLines, atomic_path
-from c2am_cli.model import METADATA_KEY
+from c2am_cli.data.images import load_image, scan_images
+from c2am_cli.predict.localize import output_names
+from c2am_cli.runtime.io import JsonLines, atomic_path
+from c2am_cli.config import METADATA_KEY
 from synthetic import make_folder, make_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -340,7 +340,7 @@ def _poll(cond, proc, timeout=120.0):
 
 
 def _subprocess(args: list, sleep: float) -> subprocess.Popen:
-    env = {**os.environ, "C2AM_TEST_SLEEP_PER_BATCH": str(sleep)}  # test hook in c2am_cli.data.pause_for_tests
+    env = {**os.environ, "C2AM_TEST_SLEEP_PER_BATCH": str(sleep)}  # test hook in c2am_cli.data.images.pause_for_tests
     return subprocess.Popen([sys.executable, "-m", "c2am_cli", *map(str, args)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -430,7 +430,7 @@ def test_resume_after_last_checkpoint_rewrites_final_model(tmp_path):
 
 
 def test_nan_loss_stops_naming_the_step(tmp_path, monkeypatch):
-    from c2am_cli.loss import ContrastiveLoss
+    from c2am_cli.models.loss import ContrastiveLoss
 
     images = tmp_path / "images"
     make_folder(images, 8, seed=2, size=72)
@@ -563,10 +563,10 @@ def test_outputs_inside_input_folder_are_not_inputs(small_folder, model_file, tm
 
 
 def test_pillow_limit_is_left_alone_unless_more_is_asked_for(tmp_path, monkeypatch):
-    from c2am_cli.data import DEFAULT_MAX_PIXELS
-    from c2am_cli.errors import ImageError
+    from c2am_cli.data.images import DEFAULT_MAX_PIXELS
+    from c2am_cli.runtime.errors import ImageError
 
-    fresh = subprocess.run([sys.executable, "-c", "import c2am_cli.cli, c2am_cli.data, PIL.Image as I; print(I.MAX_IMAGE_PIXELS)"],
+    fresh = subprocess.run([sys.executable, "-c", "import c2am_cli.cli, c2am_cli.data.images, PIL.Image as I; print(I.MAX_IMAGE_PIXELS)"],
                            capture_output=True, text=True, check=True)
     pillow = int(fresh.stdout)  # importing c2am leaves Pillow's limit as it was
     assert 2 * pillow == DEFAULT_MAX_PIXELS

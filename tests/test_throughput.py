@@ -14,11 +14,11 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 
 from c2am_cli import C2AM, ModelConfig
-from c2am_cli.data import (ImageFolder, SquashedImages, apply_orientation, collate, eval_transform, load_image,
+from c2am_cli.data.images import (ImageFolder, SquashedImages, apply_orientation, collate, eval_transform, load_image,
                            load_image_tensor, normalize_batch, read_plain_jpeg, squash)
-from c2am_cli.errors import C2AMError, ImageError
-from c2am_cli.infer import InOrder, Localizer, output_names
-from c2am_cli.io import JsonLines
+from c2am_cli.runtime.errors import C2AMError, ImageError
+from c2am_cli.predict.localize import InOrder, Localizer, output_names
+from c2am_cli.runtime.io import JsonLines
 from synthetic import make_folder, make_image
 
 SIZE = 64
@@ -205,7 +205,7 @@ def test_background_writer_keeps_manifest_in_order_and_after_the_files(model, tm
     """A write failing part-way (disk full on the 7th map): every record in the manifest has its complete map file,
     in file order; the failed image has neither a record nor a file, nor a temporary; a re-run completes the job
     with outputs identical to an uninterrupted run."""
-    import c2am_cli.infer as infer
+    import c2am_cli.predict.localize as infer
 
     images = tmp_path / "images"
     make_folder(images, 12, seed=6, size=72)
@@ -248,3 +248,34 @@ def test_jsonlines_extend_is_one_append(tmp_path):
     jl.extend([])
     jl.close()
     assert JsonLines(tmp_path / "m.jsonl").read() == [{"a": 1}, {"b": 2}, {"c": "é"}]
+
+
+def test_localize_with_maps_and_overlays_opens_each_image_once(tmp_path):
+    """`c2am localize DIR --maps M --overlays O` with the embedded default (calibrated, CRF): under strace, each image
+    file is opened once; the decoded full-size image travels with the batch to the CRF and the overlay."""
+    import shutil
+    import subprocess
+    import sys
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    images = tmp_path / "images"
+    images.mkdir()
+    examples = Path(__file__).resolve().parents[1] / "examples" / "images"
+    for name in ("cat.jpg", "coffee.jpg"):
+        shutil.copy(examples / name, images / name)
+    _image(3).save(images / "shapes.png")
+    ImageOps.exif_transpose(_image(4)).save(images / "turned.jpg", exif=_exif(6))
+    log = tmp_path / "strace.log"
+    cmd = [strace, "-f", "-e", "trace=openat", "-o", str(log), sys.executable, "-m", "c2am_cli", "localize", str(images),
+           "--out", str(tmp_path / "boxes.json"), "--maps", str(tmp_path / "maps"), "--overlays", str(tmp_path / "overlays"),
+           "--workers", "0", "--device", "cpu", "-q"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "ptrace" in done.stderr:
+        pytest.skip(f"strace cannot trace here: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0, done.stderr
+    opened = [line for line in log.read_text().splitlines() if "openat(" in line and "ENOENT" not in line]
+    for name in ("cat.jpg", "coffee.jpg", "shapes.png", "turned.jpg"):
+        assert sum(f'{images / name}"' in line for line in opened) == 1, [line for line in opened if name in line]
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 4 and len(list((tmp_path / "maps").glob("*.npy"))) == 4

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from c2am_cli import bilateral
-from c2am_cli import tokencut as tc
+from c2am_cli.maps import bilateral
+from c2am_cli.baselines import tokencut as tc
 
 H, W = 12, 12
 RECT = (slice(3, 7), slice(5, 10))  # a 4 x 5 object: rows 3..6, cols 5..9

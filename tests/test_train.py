@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from c2am_cli import C2AM, C2AMConfig, ModelConfig, TrainConfig, train
-from c2am_cli.errors import C2AMError
-from c2am_cli.data import ImageFolder, collate, eval_transform, train_transform
-from c2am_cli.train import parameter_groups, poly_lr
+from c2am_cli.runtime.errors import C2AMError
+from c2am_cli.data.images import ImageFolder, collate, eval_transform, train_transform
+from c2am_cli.training.trainer import parameter_groups, poly_lr
 from synthetic import make_folder
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

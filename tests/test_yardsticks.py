@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 
-from c2am_cli.metrics import MaskAccumulator
+from c2am_cli.eval.metrics import MaskAccumulator
 
 
 def _two_images() -> MaskAccumulator:
@@ -76,8 +76,9 @@ def test_equal_to_pysodmetrics_on_random_maps(seed):
 def test_equal_to_pysodmetrics_on_the_default_models_ecssd_maps(shared_data, tmp_path):
     """c2am eval's maxF, meanF and MAE on maps `c2am localize --maps` wrote equal pysodmetrics' on the same files."""
     from c2am_cli import localize
-    from c2am_cli.datasets import load_dataset
-    from c2am_cli.evaluate import MapFiles, evaluate
+    from c2am_cli.data.datasets import load_dataset
+    from c2am_cli.eval.evaluate import evaluate
+    from c2am_cli.eval.sources import MapFiles
 
     ds = load_dataset("masks", shared_data / "ecssd")
     items = ds.items[:10]

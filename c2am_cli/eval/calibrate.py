@@ -11,16 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import C2AMError
+from ..maps.calibration import apply_calibration
+from ..runtime.errors import C2AMError
 
 KNOTS = 33  # map values 0, 1/32, .., 1
 BINS = 256
-
-
-def apply_calibration(scoremap: np.ndarray, knots) -> np.ndarray:
-    """Foreground probability of each pixel of a map in [0, 1], by linear interpolation between the knots."""
-    k = np.asarray(knots, dtype=np.float32)
-    return np.interp(scoremap, np.linspace(0.0, 1.0, len(k), dtype=np.float32), k).astype(np.float32)
 
 
 class CalibrationFit:
@@ -90,11 +85,12 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
     calibration holds for the maps they make."""
     from tqdm.auto import tqdm
 
-    from .data import load_image
-    from .datasets import IGNORE, load_dataset
-    from .evaluate import ModelMaps, Protocol, split_ids
+    from ..data.images import load_image
+    from ..data.datasets import IGNORE, load_dataset
+    from .evaluate import Protocol, split_ids
     from .metrics import BoxAccumulator, MaskAccumulator, best_index
-    from .model import C2AM
+    from .sources import ModelMaps
+    from ..models.c2am import C2AM
 
     ds = load_dataset(dataset, root)
     if ds.task not in ("masks", "semantic"):
@@ -116,29 +112,32 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
                        ("scales", tuple(scales) if scales else None)):
         if value is not None:
             setattr(mc, key, value)
-    source = ModelMaps(cal.image_root, model, device=device, batch_size=batch_size, num_workers=num_workers)
+    source = ModelMaps(cal.image_root, model, device=device, batch_size=batch_size, num_workers=num_workers,
+                       keep_photos=crf)  # each image decoded once: for its map and for the CRF settings
     truths = [cal.ground_truth(it) for it in cal.items]
 
     fit, kept, failed = CalibrationFit(), [], []
+    images = {}  # decoded once (with the maps) for all CRF settings
     maps = source.iterate(cal.items, [t.size for t in truths], True, True)
-    for k, box, full, error, plain in tqdm(maps, total=len(truths), desc="calibrate", unit="img", disable=not progress):
-        item, truth = cal.items[k], truths[k]
-        if error is not None:
-            failed.append({"id": item.id, "reason": error})
+    for m in tqdm(maps, total=len(truths), desc="calibrate", unit="img", disable=not progress):
+        item, truth = cal.items[m.index], truths[m.index]
+        if m.error is not None:
+            failed.append({"id": item.id, "reason": m.error})
             continue
         mask = truth.mask
         if ds.task == "semantic":
             mask = np.where(mask == IGNORE, IGNORE, (mask > 0).astype(np.uint8)).astype(np.uint8)
-        fit.add(full, mask)
-        kept.append((item, truth, box, full, mask, plain))
+        fit.add(m.full, mask)
+        kept.append((item, truth, m.box, m.full, mask, m.corloc))
+        if m.photo is not None:
+            images[item.id] = m.photo
     if not kept:
         raise C2AMError(f"calibrate: no calibration image could be read ({len(failed)} failed)")
     knots = fit.knots()
 
-    from .boxes import normalize_map
-    from .edges import crf_probability
+    from ..maps.boxes import normalize_map
+    from ..maps.edges import crf_probability
 
-    images = {}  # decoded once for all CRF settings
     scores, best = {}, None
     for iterations, bilateral in (CRF_CANDIDATES if crf else CRF_CANDIDATES[:1]):
         acc, refined = MaskAccumulator(), []
@@ -146,7 +145,7 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
             p = apply_calibration(full, knots)
             if iterations:
                 if item.id not in images:
-                    images[item.id] = np.asarray(load_image(cal.image_root / item.image, source.localizer.max_pixels))
+                    images[item.id] = np.asarray(load_image(cal.image_root / item.image, source.predictor.max_pixels))
                 try:
                     p = crf_probability(images[item.id], p, iterations, bilateral)
                 except ImportError as e:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .boxes import contour_boxes
+from ..maps.boxes import contour_boxes
 
 RESIZE = 224  # wsolevaluation squashes every image to 224 x 224 for its box metrics
 PXAP_INTERVAL = 0.001  # PxAP's score bins: wsolevaluation's evaluate_wsol default (cam_curve_interval=.001)

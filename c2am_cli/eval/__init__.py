@@ -1,0 +1,1 @@
+"""Evaluation: metrics, map sources, the protocol, reports, calibration fitting."""

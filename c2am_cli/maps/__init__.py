@@ -1,0 +1,1 @@
+"""Maps out: boxes, maps at image size (guided filter, calibration, dense CRF)."""

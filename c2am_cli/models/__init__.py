@@ -1,0 +1,1 @@
+"""The model: timm backbone, activation head, C2AM, the contrastive loss."""

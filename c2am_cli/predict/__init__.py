@@ -1,0 +1,1 @@
+"""Prediction: the localiser and the folder job (manifest, resume)."""

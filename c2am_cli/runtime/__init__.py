@@ -1,0 +1,1 @@
+"""Runtime: errors, atomic io, distributed runs, devices and exit codes."""

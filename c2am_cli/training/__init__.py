@@ -1,0 +1,1 @@
+"""Training: the loop, parameter groups, schedule, polarity, checkpoints."""

@@ -1,0 +1,1 @@
+"""Weakly supervised segmentation: classifier CAMs, background cues, pseudo-masks."""
