@@ -1,6 +1,7 @@
 """The `c2am` command: a thin typer shell over the library; it parses, calls, and reports."""
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 import traceback
@@ -39,6 +40,15 @@ def friendly(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as e:  # a full disk, a read-only or vanished folder, met outside c2am's own checks
+            if _state["debug"]:
+                traceback.print_exc()
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            where = f"{e.filename}: " if e.filename else ""
+            why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
+                else f"{e.strerror or e}"
+            typer.echo(f"error: {where}{why}", err=True)
+            raise typer.Exit(EXIT_ERROR) from None
 
     return wrapper
 
@@ -445,7 +455,7 @@ def main() -> None:
         command = e.ctx.command_path.partition(" ")[2] if e.ctx else ""
         typer.echo(f"error: {e.format_message()} (see c2am {command + ' ' if command else ''}--help)", err=True)
         code = EXIT_ERROR
-    except click_errors.Abort:
+    except getattr(click_errors, "Abort", None) or getattr(typer, "Abort", ()):  # typer's vendored click has no Abort
         typer.echo("interrupted", err=True)
         code = 130
     sys.exit(code or 0)

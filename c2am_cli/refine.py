@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .arrays import check_npy_sizes
 from .data import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
 from .datasets import VOC_CLASSES
 from .errors import C2AMError
@@ -106,6 +107,7 @@ def load_cam_file(path, trust_pickle: bool = False) -> dict | np.ndarray:
         raise C2AMError(f"{path}: cannot read ({e.strerror or e})") from None
     if magic != b"\x93NUMPY" and not magic.startswith(b"PK") and not trust_pickle:
         raise C2AMError(f"{path}: not a NumPy .npy/.npz file (a raw pickle is read only with --trust-pickle)")
+    check_npy_sizes(path)  # before np.load allocates what a header claims
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=trust_pickle) as z:
@@ -447,6 +449,7 @@ def read_cue_map(cues_dir, key: str) -> np.ndarray:
     if png.is_file():
         m = read_map_png(png)
     elif npy.is_file():
+        check_npy_sizes(npy)  # before np.load allocates what a header claims
         try:
             m = np.load(npy, allow_pickle=False).astype(np.float32)
         except Exception as e:
