@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
 from .datasets import VOC_CLASSES
-from .errors import C2AMError
+from .errors import C2AMError, DiskFull
 from .io import JsonLines, save_npz_atomic
 from .refine import EXIT_SOME_FAILED, class_index, image_index, read_labels, record_failure
 
@@ -206,6 +206,8 @@ def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lit
                                 high_res=maps.astype(np.float16), classes=np.asarray([classes[c] for c in present], dtype=str))
                 summary.processed += 1
             except C2AMError as e:
+                if isinstance(e, DiskFull):
+                    raise  # not this image's fault: stop, keeping the files written
                 record_failure(summary, errors, {"id": key, "reason": str(e)}, progress)
     finally:
         errors.close()

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import C2AMError
+from .errors import C2AMError, DiskFull
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -37,11 +37,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that recreate it) make 0600 files
         os.replace(tmp, path)
     except OSError as e:  # disk full, read-only folder, a folder in the way: one clear line, not a traceback
-        raise C2AMError(f"{path}: cannot write ({_why(e, path.parent)})") from e
+        why = _why(e, path.parent)
+        raise (DiskFull if why.startswith("disk full") else C2AMError)(f"{path}: cannot write ({why})") from e
     except Exception as e:  # writers that wrap the OS error in their own type (safetensors): still one line
         if "No space left" not in str(e) and "StorageFull" not in str(e):
             raise
-        raise C2AMError(f"{path}: cannot write ({_why(OSError(errno.ENOSPC, 'No space left on device'))})") from e
+        raise DiskFull(f"{path}: cannot write ({_why(OSError(errno.ENOSPC, 'No space left on device'))})") from e
     finally:
         tmp.unlink(missing_ok=True)
 

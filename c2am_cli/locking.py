@@ -58,8 +58,9 @@ def output_lock(lock_path: str | Path, what: str) -> Iterator[None]:
             pass
         yield
     finally:
-        try:
-            os.unlink(lock_path)  # while still holding it: a run waiting on this file retries on a new one
+        try:  # while still holding it, and only if it is still ours (the folder may have vanished and come back)
+            if os.path.samestat(os.fstat(fd), os.stat(lock_path)):
+                os.unlink(lock_path)
         except OSError:
             pass
         os.close(fd)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .arrays import check_npy_sizes
 from .data import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
 from .datasets import VOC_CLASSES
-from .errors import C2AMError
+from .errors import C2AMError, DiskFull
 from .io import JsonLines, save_png_atomic
 
 DENSE_SCALES = (0.5, 1.0, 1.5, 2.0)  # METHOD.md: dense maps for WSSS, each with its horizontal flip
@@ -595,6 +595,8 @@ class Refiner:
                     save_mask(out / f"{key}.png", mask)
                     summary.processed += 1
                 except C2AMError as e:
+                    if isinstance(e, DiskFull):
+                        raise  # not this image's fault: stop, keeping the masks written
                     record_failure(summary, errors, {"id": key, "path": str(src.file or Path(cams_dir) / key), "reason": str(e)}, progress)
         finally:
             errors.close()

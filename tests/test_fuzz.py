@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 MAX_PIXELS = 4_000_000  # what the CLI runs are given: mutants that claim more are refused before decoding
 DECODE_LIMIT_S = 10.0  # far above the slowest decode measured (well under 1 s): a mutant over it is a hang
-FUZZ_MUTANTS = int(os.environ.get("C2AM_FUZZ_MUTANTS", 5000))
+FUZZ_MUTANTS = int(os.environ.get("C2AM_FUZZ_MUTANTS", 10000))
 
 
 def invoke(*args):
@@ -129,20 +129,25 @@ def test_localize_cli_on_mutants(tmp_path, seeds, model_file):
     assert counts["processed"] >= len(seeds)
 
 
-def test_train_on_mutants(tmp_path, seeds):
-    folder = tmp_path / "images"
-    write_mutants(folder, seeds, 40, seed=3)
-    make_folder(folder, 8, seed=3, size=72)
-    run = tmp_path / "run"
+def train_on_mutants(tmp_path: Path, seeds: dict[str, bytes], n: int, seed: int) -> dict:
+    folder = tmp_path / f"train{seed}"
+    write_mutants(folder, seeds, n, seed=seed)
+    make_folder(folder, 8, seed=seed, size=72)
+    run = tmp_path / f"run{seed}"
     r = invoke("train", folder, "--backbone", "test_resnet", "--epochs", 1, "--batch-size", 8, "--image-size", SIZE,
                "--workers", 0, "--max-pixels", MAX_PIXELS, "--out", run, "-q")
     assert r.exit_code in (0, 3), r.output
     assert "Traceback" not in r.output
-    reported = {e["path"] for e in JsonLines(run / "errors.jsonl").read()}
-    assert reported <= {p.name for p in folder.iterdir()} and all(
-        e["reason"] for e in JsonLines(run / "errors.jsonl").read())
+    errors = JsonLines(run / "errors.jsonl").read()
+    reported = {e["path"] for e in errors}
+    assert reported <= {p.name for p in folder.iterdir()} and all(e["reason"] for e in errors)
     trained = C2AM.from_file(run / "model.safetensors").config.data["train_images"]
     assert trained == len(list(folder.iterdir()))  # every file scanned: the readable ones trained on, the rest reported
+    return {"files": trained, "processed": trained - len(reported), "reported": len(reported)}
+
+
+def test_train_on_mutants(tmp_path, seeds):
+    train_on_mutants(tmp_path, seeds, 40, seed=3)
 
 
 def _masks_set(root: Path, seeds: dict[str, bytes], n: int, seed: int) -> list[str]:
@@ -176,10 +181,10 @@ def _masks_set(root: Path, seeds: dict[str, bytes], n: int, seed: int) -> list[s
     return ids
 
 
-def test_eval_masks_on_mutants(tmp_path, seeds, model_file):
-    ids = _masks_set(tmp_path / "set", seeds, 30, seed=4)
-    out = tmp_path / "metrics.json"
-    r = invoke("eval", "--dataset", "masks", "--root", tmp_path / "set", "--weights", model_file, "--workers", 0,
+def eval_on_mutants(tmp_path: Path, seeds: dict[str, bytes], model_file: Path, n: int, seed: int) -> dict:
+    ids = _masks_set(tmp_path / f"set{seed}", seeds, n, seed=seed)
+    out = tmp_path / f"metrics{seed}.json"
+    r = invoke("eval", "--dataset", "masks", "--root", tmp_path / f"set{seed}", "--weights", model_file, "--workers", 0,
                "--batch-size", 8, "--out", out, "-q")
     assert r.exit_code in (0, 3), r.output
     assert "Traceback" not in r.output
@@ -188,32 +193,48 @@ def test_eval_masks_on_mutants(tmp_path, seeds, model_file):
     assert all(f["reason"] for f in report["failed"])
     assert failed <= set(ids) and not failed & {f"good{i}" for i in range(6)}
     assert report["images"]["evaluated"] + len(failed) == len(ids)
+    return {"files": len(ids), "processed": report["images"]["evaluated"], "reported": len(failed)}
 
 
-def test_refine_cues_on_mutants(tmp_path, seeds):
+def test_eval_masks_on_mutants(tmp_path, seeds, model_file):
+    eval_on_mutants(tmp_path, seeds, model_file, 30, seed=4)
+
+
+def refine_on_mutants(tmp_path: Path, seeds: dict[str, bytes], n: int, seed: int) -> dict:
+    """Mutant cue PNGs (and a few mutant images) for `refine --cues`: each id refined or reported."""
+    import io
+
     from PIL import Image
 
-    cams, images, cues = tmp_path / "cams", tmp_path / "images", tmp_path / "cues"
+    cams, images, cues = tmp_path / f"cams{seed}", tmp_path / f"images{seed}", tmp_path / f"cues{seed}"
     for d in (cams, images, cues):
         d.mkdir()
-    png_seeds = {k: v for k, v in seeds.items() if k.endswith(".png")}
-    rng = np.random.default_rng(5)
+    png_seeds = {k: v for k, v in seeds.items() if k.endswith(("_l.png", "_i16.png"))}  # cues are grayscale PNGs
+    rng = np.random.default_rng(seed)
     ids = []
-    for k, (name, data, _) in enumerate(mutants(png_seeds, 30, seed=5)):
+    for k, (name, data, _) in enumerate(mutants(png_seeds, n, seed=seed)):
         key = Path(name).stem
-        with Image.open(__import__("io").BytesIO(png_seeds[name.split("_", 1)[1]])) as seed_img:
+        with Image.open(io.BytesIO(png_seeds[name.split("_", 1)[1]])) as seed_img:
             w, h = seed_img.size
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{key}.jpg")
         save_npz_atomic(cams / f"{key}.npz", keys=np.array([0]), high_res=rng.random((1, h, w), dtype=np.float32))
         (cues / f"{key}.png").write_bytes(data)
+        if k % 5 == 4:  # the image a mutant too, the cue good
+            (images / f"{key}.jpg").write_bytes(next(mutants({"x.jpg": seeds["seed0_rgb.jpg"]}, 1, seed * 1000 + k))[1])
+            Image.fromarray(rng.integers(0, 255, (h, w), dtype=np.uint8)).save(cues / f"{key}.png")
         ids.append(key)
-    out = tmp_path / "masks"
+    out = tmp_path / f"masks{seed}"
     r = invoke("refine", "--cams", cams, "--images", images, "--cues", cues, "--out", out, "-q")
     assert r.exit_code in (0, 3), r.output
     assert "Traceback" not in r.output
     failed = {e["id"]: e["reason"] for e in JsonLines(out / "errors.jsonl").read()}
     done = {p.stem for p in out.glob("*.png")}
     assert done | set(failed) == set(ids) and not done & set(failed) and all(failed.values())
+    return {"files": len(ids), "processed": len(done), "reported": len(failed)}
+
+
+def test_refine_cues_on_mutants(tmp_path, seeds):
+    refine_on_mutants(tmp_path, seeds, 30, seed=5)
 
 
 # -- the long run: pytest -m fuzz -s ------------------------------------------------------------------------------
@@ -224,16 +245,26 @@ def test_fuzz_readers_thousands(tmp_path, seeds):
         counts = fuzz_readers(tmp_path, seeds, min(1000, FUZZ_MUTANTS), seed)
         for k in total:
             total[k] = max(total[k], counts[k]) if k == "slowest_s" else total[k] + counts[k]
-    print(f"\nfuzz readers: {json.dumps(total)}")
+    print(f"\nfuzz readers: {json.dumps({**total, 'seconds': round(total['seconds'], 1)})}")
 
 
 @pytest.mark.fuzz
 def test_fuzz_localize_cli_hundreds(tmp_path, seeds, model_file):
     total = {"files": 0, "processed": 0, "reported": 0, "seconds": 0.0}
-    for seed in range(3):
+    for seed in range(4):
         folder = tmp_path / f"images{seed}"
         write_mutants(folder, seeds, 150, seed=100 + seed)
         counts = localize_subprocess(folder, tmp_path / f"out{seed}", model_file, timeout=600)
         for k in total:
             total[k] += counts[k]
-    print(f"\nfuzz localize CLI: {json.dumps(total)}")
+    print(f"\nfuzz localize CLI: {json.dumps({**total, 'seconds': round(total['seconds'], 1)})}")
+
+
+@pytest.mark.fuzz
+def test_fuzz_train_eval_refine_hundreds(tmp_path, seeds, model_file):
+    for name, run in (("train", lambda s: train_on_mutants(tmp_path, seeds, 300, 200 + s)),
+                      ("eval", lambda s: eval_on_mutants(tmp_path, seeds, model_file, 300, 300 + s)),
+                      ("refine", lambda s: refine_on_mutants(tmp_path, seeds, 300, 400 + s))):
+        t0 = time.time()
+        counts = run(0)
+        print(f"\nfuzz {name}: {json.dumps({**counts, 'seconds': round(time.time() - t0, 1)})}")
