@@ -82,6 +82,8 @@ class C2AMConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "C2AMConfig":
+        if not isinstance(d, dict):
+            raise C2AMError(f"config is not a JSON object (found {type(d).__name__})")
         version = d.get("version")
         if version != CONFIG_VERSION:
             raise C2AMError(f"config version {version!r} is not supported (this c2am reads version {CONFIG_VERSION})")
@@ -103,6 +105,8 @@ class C2AMConfig:
 
 def _build(kind, values: dict[str, Any]):
     """Build a dataclass from a dict, turning lists back into tuples and refusing unknown keys."""
+    if not isinstance(values, dict):
+        raise C2AMError(f"{kind.__name__} in config is not a JSON object (found {type(values).__name__})")
     names = {f.name: f for f in dataclasses.fields(kind)}
     unknown = sorted(set(values) - set(names))
     if unknown:

@@ -66,7 +66,7 @@ def main() -> None:
         command = e.ctx.command_path.partition(" ")[2] if e.ctx else ""
         typer.echo(f"error: {e.format_message()} (see c2am {command + ' ' if command else ''}--help)", err=True)
         code = EXIT_USAGE
-    except click_errors.Abort:
+    except (getattr(click_errors, "Abort", None) or typer.Abort):  # typer's vendored click may lack click's Abort
         typer.echo("interrupted", err=True)
         code = EXIT_INTERRUPTED
     sys.exit(code or 0)

@@ -1,6 +1,7 @@
 """What every `c2am` command shares: one-line errors, the common options (declared once), number lists."""
 from __future__ import annotations
 
+import errno
 import functools
 import traceback
 from pathlib import Path
@@ -27,7 +28,8 @@ Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first unread
 
 
 def friendly(fn):
-    """Turn a C2AMError into one line on stderr and exit code 2 (the traceback only with --debug)."""
+    """Turn any error into one line on stderr and exit code 2 (the traceback only with --debug): a C2AMError as it
+    is, a full disk or unwritable folder by its reason, anything else by its type and message."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,6 +43,23 @@ def friendly(fn):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except OSError as e:  # a full disk, a read-only or vanished folder, met outside c2am's own checks
+            if state["debug"]:
+                traceback.print_exc()
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+            where = f"{e.filename}: " if e.filename else ""
+            why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
+                else f"{e.strerror or e}"
+            typer.echo(f"error: {where}{why}", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
+        except Exception as e:  # anything else is a bug or an environment problem: still one line, unless --debug
+            if state["debug"]:
+                traceback.print_exc()
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            typer.echo(f"error: {type(e).__name__}: {text} (c2am --debug ... shows the traceback)", err=True)
+            raise typer.Exit(EXIT_USAGE) from None
 
     return wrapper
 

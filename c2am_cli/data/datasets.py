@@ -134,6 +134,8 @@ def read_label_png(path) -> np.ndarray:
         raise C2AMError(f"{path}: no such mask file") from None
     except OSError as e:
         raise C2AMError(f"{path}: cannot read the mask ({e})") from None
+    except Exception as e:  # a decompression bomb, or any decoder failure on a hostile file, is this mask's
+        raise C2AMError(f"{path}: cannot read the mask ({type(e).__name__}: {e})") from None
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 

@@ -114,6 +114,9 @@ def read_map(path: Path, allow_pickle: bool = False) -> np.ndarray:
     """A 2-D float32 map from .npy (never unpickled unless asked) or an 8/16-bit PNG (scaled to [0, 1])."""
     try:
         if path.suffix.lower() == ".npy":
+            from ..data.arrays import check_npy_sizes
+
+            check_npy_sizes(path)  # before np.load allocates what a header claims
             m = np.load(path, allow_pickle=allow_pickle)
         else:
             with Image.open(path) as img:
@@ -122,13 +125,19 @@ def read_map(path: Path, allow_pickle: bool = False) -> np.ndarray:
                     m = np.asarray(img.convert("L"))
                 scale = 65535.0 if img.mode.startswith("I;16") else (1.0 if img.mode == "F" else 255.0)
                 m = m.astype(np.float32) / scale
+    except C2AMError as e:
+        raise ImageError(path, str(e).removeprefix(f"{path}: ")) from None
     except ValueError as e:
         raise ImageError(path, f"cannot load ({e}); object arrays need --allow-pickle") from None
     except OSError as e:
         raise ImageError(path, f"cannot read ({e})") from None
+    except Exception as e:  # a decompression bomb, a truncated pickle, any decoder failure: this map's
+        raise ImageError(path, f"cannot read ({type(e).__name__}: {e})") from None
     m = np.squeeze(np.asarray(m))
     if m.ndim != 2 or not np.issubdtype(m.dtype, np.number):
         raise ImageError(path, f"expected a 2-D numeric map, found shape {m.shape} and dtype {m.dtype}")
+    if not np.isfinite(m).all():
+        raise ImageError(path, "the map holds NaN or infinite values")
     return m.astype(np.float32)
 
 

@@ -5,12 +5,16 @@ checked against the sha256 the registry lists.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..runtime.errors import C2AMError
 from .registry import (_COMMIT, DEFAULT_REVISION, MODEL_FILE, OPTIONAL_FILES, load_registry, split_spec,
                        verify_sha256, weights_dir)
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+_REVISION = re.compile(r"[\w.-][\w./-]{0,199}")
 
 
 # -- pull --------------------------------------------------------------------------------------
@@ -74,13 +78,17 @@ def pull(spec: str, *, token: str | bool | None = None, cache_dir: str | Path | 
     model.safetensors, config.json and README.md (the model card) are fetched from one commit into the
     huggingface_hub cache; a registry entry's sha256 is verified. The embedded default needs no download.
     """
+    from_files = registry is None  # entries of registry files (packaged, $C2AM_REGISTRY) stay in the weights folder
     registry = load_registry() if registry is None else registry
     name, revision = split_spec(spec)
     entry = registry.get(name)
     if entry is not None and entry.get("path"):  # shipped inside the package (the embedded default)
         if revision is not None:
             raise C2AMError(f"{spec}: {name} is shipped with c2am; it has no revisions")
-        path = weights_dir() / entry["path"]
+        path = weights_dir() / str(entry["path"])
+        if from_files and (Path(str(entry["path"])).is_absolute()
+                           or not path.resolve().is_relative_to(weights_dir().resolve())):
+            raise C2AMError(f"registry entry {name!r}: path {entry['path']!r} is outside c2am's weights folder")
         if not path.exists():
             raise C2AMError(f"{path}: the registry's {name!r} model is missing from this installation")
         verify_sha256(path, entry.get("sha256"), f"registry entry {name!r}")
@@ -99,6 +107,9 @@ def pull(spec: str, *, token: str | bool | None = None, cache_dir: str | Path | 
         expected, found = _registered_sha256(registry, repo_id, revision)
         what = f"registry entry {found!r}" if found else repo_id
 
+    if not _REPO_ID.fullmatch(str(repo_id)) or ".." in str(repo_id) or not _REVISION.fullmatch(str(revision)) \
+            or ".." in str(revision):  # both become cache paths: never a way out of the cache folder
+        raise C2AMError(f"{spec}: not a valid Hub repo id 'org/name' with an optional @revision")
     kwargs = dict(token=token, cache_dir=cache_dir, endpoint=endpoint)
     model = _download(repo_id, MODEL_FILE, revision, force_download=force_download, **kwargs)
     verify_sha256(model, expected, what)

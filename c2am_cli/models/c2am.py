@@ -228,6 +228,8 @@ class C2AM(nn.Module):
         """Load a .safetensors file written by `save` (never a pickle)."""
         from safetensors import safe_open
 
+        from .validate import check_finite, check_fit, check_model_config
+
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -236,9 +238,12 @@ class C2AM(nn.Module):
                     raise C2AMError(f"{path}: not a c2am model (no {METADATA_KEY} in its metadata)")
                 try:
                     config = C2AMConfig.from_json(meta[METADATA_KEY])
+                    check_model_config(config.model)
                 except C2AMError as e:
                     raise C2AMError(f"{path}: {e}") from None
+                check_fit(path, cls, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
                 state = {k: f.get_tensor(k) for k in f.keys()}
+                check_finite(path, state)
         except C2AMError:
             raise
         except Exception as e:  # safetensors raises its own types for truncated or garbled files

@@ -166,6 +166,18 @@ class Localizer(Predictor):
 
     def run(self, image_dir, out="boxes.json", maps_dir=None, map_format: str = "npy", overlays_dir=None,
             fmt: str = "json", overwrite: bool = False, strict: bool = False, progress: bool = True) -> LocalizeSummary:
+        """`_run` holding OUT.lock (each rank its part's under torchrun): a second run into the same OUT refuses."""
+        from ..runtime.locking import output_lock
+
+        args = (image_dir, out, maps_dir, map_format, overlays_dir, fmt, overwrite, strict, progress)
+        if Path(out).is_dir():
+            return self._run(*args)  # which says why not
+        mine = Path(out) if distributed.world_size() == 1 else distributed.part_path(out)
+        with output_lock(mine.with_name(mine.name + ".lock"), f"--out {out}"):
+            return self._run(*args)
+
+    def _run(self, image_dir, out="boxes.json", maps_dir=None, map_format: str = "npy", overlays_dir=None,
+             fmt: str = "json", overwrite: bool = False, strict: bool = False, progress: bool = True) -> LocalizeSummary:
         """Localise every image under `image_dir`, resuming from OUT.manifest.jsonl unless `overwrite`.
 
         Images go through the model in fixed chunks of `batch_size` of the sorted file list, and a resumed run redoes

@@ -12,3 +12,7 @@ class ImageError(C2AMError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class DiskFull(C2AMError):
+    """An output could not be written for want of space: a batch job stops here (the finished part is kept)."""

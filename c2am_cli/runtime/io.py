@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from .errors import C2AMError
+from .errors import C2AMError, DiskFull
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -26,7 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise C2AMError(f"{path}: cannot write ({e.strerror or e})") from e
+        raise C2AMError(f"{path}: cannot write ({_why(e)})") from e
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -36,9 +37,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that recreate it) make 0600 files
         os.replace(tmp, path)
     except OSError as e:  # disk full, read-only folder, a folder in the way: one clear line, not a traceback
-        raise C2AMError(f"{path}: cannot write ({e.strerror or e})") from e
+        why = _why(e, path.parent)
+        raise (DiskFull if why.startswith("disk full") else C2AMError)(f"{path}: cannot write ({why})") from e
+    except Exception as e:  # writers that wrap the OS error in their own type (safetensors): still one line
+        if "No space left" not in str(e) and "StorageFull" not in str(e):
+            raise
+        raise DiskFull(f"{path}: cannot write ({_why(OSError(errno.ENOSPC, 'No space left on device'))})") from e
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _why(e: OSError, folder: Path | None = None) -> str:
+    """The reason for a failed write; a short write without an errno (NumPy's "N requested and M written") on a
+    folder with next to no space left is a full disk too."""
+    short = False
+    if e.errno is None and folder is not None:
+        try:
+            st = os.statvfs(folder)
+            short = st.f_bavail * st.f_frsize < (256 << 10)
+        except OSError:
+            pass
+    if short or e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk full: No space left on device; free space or move the output, then rerun to resume"
+    return str(e.strerror or e)
 
 
 _TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # what atomic_path's mkstemp names look like

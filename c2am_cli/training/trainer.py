@@ -384,6 +384,15 @@ class Trainer:
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def run(self) -> Path:
+        """`_run` holding RUN/.lock (rank 0 under torchrun): a second run into the same folder refuses."""
+        from ..runtime.locking import output_lock
+
+        if not distributed.is_main():
+            return self._run()
+        with output_lock(self.out_dir / ".lock", f"run folder {self.out_dir}"):
+            return self._run()
+
+    def _run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         main = distributed.is_main()  # under torchrun only rank 0 writes to the run folder
         if main:

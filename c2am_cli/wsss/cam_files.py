@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.datasets import VOC_CLASSES
+from ..data.arrays import check_npy_sizes
 from ..runtime.errors import C2AMError
 
 KEY_CONVENTIONS = ("auto", "zero", "background")
@@ -96,6 +97,7 @@ def load_cam_file(path, trust_pickle: bool = False) -> dict | np.ndarray:
         raise C2AMError(f"{path}: cannot read ({e.strerror or e})") from None
     if magic != b"\x93NUMPY" and not magic.startswith(b"PK") and not trust_pickle:
         raise C2AMError(f"{path}: not a NumPy .npy/.npz file (a raw pickle is read only with --trust-pickle)")
+    check_npy_sizes(path)  # before np.load allocates what a header claims
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=trust_pickle) as z:

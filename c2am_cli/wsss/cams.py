@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data.images import DEFAULT_MAX_PIXELS, load_image, to_tensor_normalized
 from ..data.datasets import VOC_CLASSES
-from ..runtime.errors import C2AMError
+from ..runtime.errors import C2AMError, DiskFull
 from ..runtime.io import JsonLines, save_npz_atomic
 from ..runtime.exits import RunSummary
 from .cam_files import class_index, read_labels
@@ -201,6 +201,8 @@ def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lit
                                 high_res=maps.astype(np.float16), classes=np.asarray([classes[c] for c in present], dtype=str))
                 summary.processed += 1
             except C2AMError as e:
+                if isinstance(e, DiskFull):
+                    raise  # not this image's fault: stop, keeping the files written
                 record_failure(summary, errors, {"id": key, "reason": str(e)}, progress)
     finally:
         errors.close()

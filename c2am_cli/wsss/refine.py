@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..data.arrays import check_npy_sizes
 from ..data.images import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
 from ..data.datasets import VOC_CLASSES
-from ..runtime.errors import C2AMError
+from ..runtime.errors import C2AMError, DiskFull
 from ..runtime.exits import RunSummary
 from ..runtime.io import JsonLines, save_png_atomic
 from .cam_files import KEY_CONVENTIONS, CAMSource, ClassCAMs, find_cams, read_labels, read_map_png
@@ -151,6 +152,7 @@ def read_cue_map(cues_dir, key: str) -> np.ndarray:
     if png.is_file():
         m = read_map_png(png)
     elif npy.is_file():
+        check_npy_sizes(npy)  # before np.load allocates what a header claims
         try:
             m = np.load(npy, allow_pickle=False).astype(np.float32)
         except Exception as e:
@@ -290,6 +292,8 @@ class Refiner:
                     save_mask(out / f"{key}.png", mask)
                     summary.processed += 1
                 except C2AMError as e:
+                    if isinstance(e, DiskFull):
+                        raise  # not this image's fault: stop, keeping the masks written
                     record_failure(summary, errors, {"id": key, "path": str(src.file or Path(cams_dir) / key), "reason": str(e)}, progress)
         finally:
             errors.close()
