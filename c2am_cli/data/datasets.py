@@ -150,7 +150,7 @@ def read_id_list(path: Path) -> list[str]:
 
 def mask_boxes(fg: np.ndarray, min_share: float = MIN_COMPONENT_SHARE) -> list[list[int]]:
     """Ground-truth boxes of a foreground mask: each 8-connected component covering >= `min_share` of the image,
-    plus the box of the whole foreground (the convention of ../shared/BASELINES.md); none for an empty mask."""
+    plus the box of the whole foreground; none for an empty mask."""
     fg = np.ascontiguousarray(fg, dtype=np.uint8)
     if not fg.any():
         return []

@@ -169,7 +169,7 @@ class PredictedMasks(MapFiles):
 class Baseline(MapSource):
     """Reference maps that need no image: `full` (all ones: the whole image is the object; used as given, since
     min-max would make it all zeros) and `center` (a Gaussian at the image centre, sigma = 1/4 of the width and of
-    the height, min-max normalised like any map). These reproduce the reference rows of BASELINES.md."""
+    the height, min-max normalised like any map). These reproduce the zero-training reference rows of an independent evaluator."""
 
     def __init__(self, kind: str):
         if kind not in BASELINES:

@@ -1,4 +1,4 @@
-"""The contrastive loss of C2AM: foreground/background contrast across a batch (METHOD.md)."""
+"""The contrastive loss of C2AM: foreground/background contrast across a batch (Xie et al., CVPR 2022)."""
 from __future__ import annotations
 
 import torch

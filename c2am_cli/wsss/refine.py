@@ -18,7 +18,7 @@ from ..runtime.exits import RunSummary
 from ..runtime.io import JsonLines, save_png_atomic
 from .cam_files import KEY_CONVENTIONS, CAMSource, ClassCAMs, find_cams, read_labels, read_map_png
 
-DENSE_SCALES = (0.5, 1.0, 1.5, 2.0)  # METHOD.md: dense maps for WSSS, each with its horizontal flip
+DENSE_SCALES = (0.5, 1.0, 1.5, 2.0)  # C2AM (CVPR 2022): dense maps for WSSS, each with its horizontal flip
 MODES = ("c2am", "threshold", "soft")
 DEFAULT_BG_THRESHOLD = 0.15  # IRN's cam_eval_thres for plain CAMs
 DEFAULT_SOFT_POWER = 1.0  # soft mode: bg_score = (1 - map) ** power; 1 is CCAM's own "1 - saliency" background
@@ -31,7 +31,7 @@ CRF_GT_PROB = 0.7  # IRN's crf_inference_label: confidence given to the cue's la
 @torch.no_grad()
 def dense_map(model, image: Image.Image, scales=DENSE_SCALES, flip: bool = True, device="cpu",
               base_size: int | None = None) -> np.ndarray:
-    """C2AM foreground map at image size (H, W), divided by its maximum (METHOD.md, dense maps for WSSS): the image
+    """C2AM foreground map at image size (H, W), divided by its maximum (the paper's dense maps for WSSS): the image
     squashed to base_size x base_size (default: the model's training size, as `localize` does), each scale of it
     and its flip, averaged and resized to the image. At the image's own size a 224-trained model sees textures,
     not objects (fg/bg mIoU2 57.5 vs 59.0 on voc2012_seg_subset train). Weights that store an edge radius get the
