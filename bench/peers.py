@@ -115,7 +115,7 @@ def main(argv=None) -> None:
         star = " (*)" if "dinov2" in name else ""
         rows[f"{name}{star}"] = [quality.summary(json.loads(path.read_text()))]
     text = quality.table(rows) + (
-        f"\n\nTokenCut's tau chosen on the ECSSD calibration half by maxF: "
+        "\n\nTokenCut's tau chosen on the ECSSD calibration half by maxF: "
         + ", ".join(f"{k} {v:.1f}" for k, v in chosen["maxF on the ECSSD calibration half"].items())
         + f". TokenCut rows: CorLoc, mIoU and F at its own map > 0.5; s/img of TokenCut timed on 16 ECSSD photos "
           f"without cache, of c2am rows the scoring wall time per image.\n\n(*) {PROVENANCE}.")

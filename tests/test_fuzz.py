@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from c2am_cli import C2AM, ModelConfig
 from c2am_cli.cli import app
-from c2am_cli.data.images import ImageFolder, SquashedImages, eval_transform, train_transform
+from c2am_cli.data.images import ImageFolder, SquashedImages, train_transform
 from c2am_cli.predict.localize import output_names
 from c2am_cli.runtime.io import JsonLines, save_npz_atomic
 from mutants import mutants, seed_files

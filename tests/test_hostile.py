@@ -20,28 +20,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 from c2am_cli import C2AM, ModelConfig
-from c2am_cli.cli import app
 from c2am_cli.runtime.io import JsonLines
 from c2am_cli.config import METADATA_KEY
+from cli_helpers import invoke, one_error_line
 from synthetic import make_folder, make_image
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-def one_error_line(result) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

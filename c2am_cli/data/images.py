@@ -98,8 +98,8 @@ class _Refused(Exception):
     """libjpeg-turbo refused a JPEG that looked plain: Pillow decodes it, or says why not."""
 
 
-def _plain_jpeg(img: Image.Image) -> torch.Tensor | None:
-    """An open regular 8-bit RGB or greyscale JPEG decoded by torchvision.io and turned upright; None for others."""
+def _jpeg_bytes(img: Image.Image) -> tuple[bytes, int] | None:
+    """(file bytes, EXIF orientation) of an open regular 8-bit RGB or greyscale JPEG; None for anything else."""
     try:
         if img.format != "JPEG" or img.mode not in ("RGB", "L"):
             return None
@@ -108,10 +108,16 @@ def _plain_jpeg(img: Image.Image) -> torch.Tensor | None:
         data = img.fp.read()
     except Exception:
         return None
-    if orientation not in _TRANSPOSE:
-        orientation = 1  # as exif_transpose: an unknown value is ignored
+    return data, orientation if orientation in _TRANSPOSE else 1  # as exif_transpose: an unknown value is ignored
+
+
+def _plain_jpeg(img: Image.Image) -> torch.Tensor | None:
+    """An open regular 8-bit RGB or greyscale JPEG decoded by torchvision.io and turned upright; None for others."""
+    jpeg = _jpeg_bytes(img)
+    if jpeg is None:
+        return None
     try:
-        return apply_orientation(decode_jpeg_bytes(torch.frombuffer(bytearray(data), dtype=torch.uint8)), orientation)
+        return apply_orientation(decode_jpeg_bytes(torch.frombuffer(bytearray(jpeg[0]), dtype=torch.uint8)), jpeg[1])
     except RuntimeError:
         raise _Refused from None
 
@@ -167,15 +173,12 @@ def read_plain_jpeg(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXEL
             return None
         with Image.open(path) as img:  # the header only; a test may fake Image.open, so open by path
             w, h = img.size
-            if img.format != "JPEG" or img.mode not in ("RGB", "L") or (max_pixels and w * h > max_pixels):
-                return None
-            orientation = img.getexif().get(ExifTags.Base.Orientation, 1)  # as exif_transpose reads it (XMP too)
-            img.fp.seek(0)
-            data = img.fp.read()
+            jpeg = None if max_pixels and w * h > max_pixels else _jpeg_bytes(img)
     except Exception:
         return None
-    if orientation not in _TRANSPOSE:
-        orientation = 1  # as exif_transpose: an unknown value is ignored
+    if jpeg is None:
+        return None
+    data, orientation = jpeg
     size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
     return torch.frombuffer(bytearray(data), dtype=torch.uint8), orientation, size
 
