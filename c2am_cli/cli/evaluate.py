@@ -72,7 +72,7 @@ def eval_(
                       scales=floats(scales), flip=flip, boxes_from=boxes_from, batch_size=batch_size,
                       num_workers=workers, strict=strict, progress=not quiet, backbone=backbone,
                       backbone_weights=backbone_weights, bilateral=bilateral, graph_tau=graph_tau)
-    typer.echo(format_table(report))
+    typer.echo(format_table(report, out))
     if out is not None:
         write_json_atomic(out, report.as_dict())
         typer.echo(f"wrote {out}")

@@ -27,39 +27,40 @@ MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larg
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable input.")]
 
 
+def report(e: Exception, debug: bool = False) -> int:
+    """Print an error as one line on stderr (the traceback before it only with --debug) and return exit code 2: a
+    C2AMError as it is, a full disk or unwritable folder by its reason, anything else by its type and message."""
+    if debug:
+        traceback.print_exception(e)
+    if isinstance(e, C2AMError):
+        line = str(e)
+    elif isinstance(e, OSError) and e.errno is not None:  # a full disk, a read-only or vanished folder
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = f"{e.filename}: " if e.filename else ""
+        why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
+            else f"{e.strerror or e}"
+        line = f"{where}{why}"
+    else:  # anything else is a bug or an environment problem: still one line, unless --debug
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        line = f"{type(e).__name__}: {text} (c2am --debug ... shows the traceback)"
+    typer.echo(f"error: {line}", err=True)
+    return EXIT_USAGE
+
+
 def friendly(fn):
-    """Turn any error into one line on stderr and exit code 2 (the traceback only with --debug): a C2AMError as it
-    is, a full disk or unwritable folder by its reason, anything else by its type and message."""
+    """Run a command so that any error becomes one line on stderr and exit code 2 (see `report`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except C2AMError as e:
-            if state["debug"]:
-                traceback.print_exc()
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except OSError as e:  # a full disk, a read-only or vanished folder, met outside c2am's own checks
-            if state["debug"]:
-                traceback.print_exc()
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            where = f"{e.filename}: " if e.filename else ""
-            why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
-                else f"{e.strerror or e}"
-            typer.echo(f"error: {where}{why}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
-        except Exception as e:  # anything else is a bug or an environment problem: still one line, unless --debug
-            if state["debug"]:
-                traceback.print_exc()
-            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            typer.echo(f"error: {type(e).__name__}: {text} (c2am --debug ... shows the traceback)", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+        except Exception as e:
+            raise typer.Exit(report(e, state["debug"])) from None
 
     return wrapper
 

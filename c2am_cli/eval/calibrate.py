@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..maps.calibration import apply_calibration
+from ..maps.edges import require_crf
 from ..runtime.errors import C2AMError
 
 KNOTS = 33  # map values 0, 1/32, .., 1
@@ -92,6 +93,8 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
     from .sources import ModelMaps
     from ..models.c2am import C2AM
 
+    if crf:
+        require_crf("calibrate --crf (the default; --no-crf calibrates without it)")
     ds = load_dataset(dataset, root)
     if ds.task not in ("masks", "semantic"):
         raise C2AMError(f"calibrate needs a dataset with masks (masks or voc), not {dataset}")

@@ -235,7 +235,7 @@ class ModelMaps(MapSource):
         from_mask = pred.boxes_from == "mask"
         refine_photo = uses_image(mc) and (need_full or from_mask)
         files = [it.image for it in items]
-        for predictions, errors in pred.predict(self.image_root, files, photos=refine_photo or self.keep_photos):
+        for predictions, errors in pred.batches(self.image_root, files, photos=refine_photo or self.keep_photos):
             for idx, reason in errors:
                 yield SourceMaps(idx, error=reason)
             for p in predictions:
