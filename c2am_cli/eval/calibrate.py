@@ -76,7 +76,7 @@ class CalibrationReport:
 def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrate_on: str | None = None,
               fraction: float | None = None, seed: int = 0, crf: bool = True, boxes_from: str | None = None,
               scales=None, flip: bool | None = None, edge_radius: float | None = None, device: str = "auto",
-              batch_size: int = 32, num_workers: int = 2, progress: bool = True):
+              batch_size: int = 32, num_workers: int | None = None, progress: bool = True):
     """Fit the map calibration, choose the dense-CRF setting (best max F-beta) and the box tau (best CorLoc) on the
     calibration images of a set with masks; returns the model with them stored in its config, and a report.
 

@@ -202,7 +202,7 @@ class ModelMaps(MapSource):
     normalized = True  # iterate() normalises and refines them itself
 
     def __init__(self, image_root, weights=None, device: str = "auto", scales=None, flip=None, batch_size: int = 32,
-                 num_workers: int = 2, boxes_from: str | None = None, keep_photos: bool = False):
+                 num_workers: int | None = None, boxes_from: str | None = None, keep_photos: bool = False):
         from ..predict.predictor import Predictor
 
         self.image_root = Path(image_root)
