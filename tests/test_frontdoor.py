@@ -270,6 +270,8 @@ def test_a_refused_resume_names_what_differs(tiny, folder, tmp_path):
     with pytest.raises(C2AMError, match=r"threshold: 0\.5 -> 0\.7; all_boxes: False -> True"):
         localize(folder, tmp_path / "b.json", weights=str(tiny), device="cpu", threshold=0.7, all_boxes=True,
                  progress=False)
+    with pytest.raises(C2AMError, match=r"weights: .*tiny.* \(model [0-9a-f]{16}\) -> default \(model [0-9a-f]{16}\)"):
+        localize(folder, tmp_path / "b.json", device="cpu", threshold=0.5, progress=False)
 
 
 def test_eval_without_out_names_no_file_it_did_not_write():

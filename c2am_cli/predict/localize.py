@@ -61,9 +61,18 @@ def model_digest(model: C2AM) -> str:
 
 
 def changed_settings(before: dict, now: dict) -> str:
-    """The settings of a run's manifest that differ from this run's, as 'name: old -> new' (the model by its digest)."""
-    names = [k for k in now if k not in ("weights", "settings") and json.loads(dumps(now[k])) != before.get(k, "(unset)")]
-    return "; ".join(f"{k}: {before.get(k, '(unset)')} -> {json.loads(dumps(now[k]))}" for k in names) or "its fingerprint"
+    """The settings of a run's manifest that differ from this run's, as 'name: old -> new'; other weights as their
+    names and model digests."""
+    parts = []
+    for key, value in now.items():
+        value, old = json.loads(dumps(value)), before.get(key, "(unset)")
+        if key in ("weights", "settings") or value == old:
+            continue
+        if key == "model":
+            parts.append(f"weights: {before.get('weights')} (model {old}) -> {now.get('weights')} (model {value})")
+        else:
+            parts.append(f"{key}: {old} -> {value}")
+    return "; ".join(parts) or "its fingerprint"
 
 
 def overlay(image: Image.Image, heat: np.ndarray, legend: str, boxes: list[list[int]]) -> Image.Image:
