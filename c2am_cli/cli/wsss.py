@@ -59,8 +59,8 @@ def cams(
     classifier_weights: str = typer.Option("timm", help="'timm' (pretrained, needs the Hub), a .safetensors/.pth file, or efficientnet-lite0/1/2 (offline)."),
     class_map: Optional[Path] = typer.Option(None, help="JSON {class name: [classifier indices]}. Default: the shipped VOC -> ImageNet map."),
     ids: Optional[Path] = typer.Option(None, help="Only these image ids (a file with one id per line)."),
-    scales: scales_option("Default: 1.") = None,
-    flip: bool = typer.Option(False, "--flip/--no-flip", help="Add the flipped image."),
+    scales: scales_option("Default: 0.5,1,1.5,2 (dense CAMs for WSSS, as refine's maps).") = None,
+    flip: bool = typer.Option(True, "--flip/--no-flip", help="Add the flipped image at each scale."),
     device: Device = "auto",
     quiet: Quiet = False,
 ):
@@ -72,9 +72,10 @@ def cams(
     Exit code 0: all images done; 3: done, but some failed (listed in OUT/errors.jsonl).
     """
     from ..wsss.cams import compute_cams
+    from ..wsss.refine import DENSE_SCALES
 
     summary = compute_cams(images, labels, out, classifier=classifier, classifier_weights=classifier_weights,
-                           class_map=class_map, scales=floats(scales) or (1.0,), flip=flip, ids=id_list(ids),
+                           class_map=class_map, scales=floats(scales) or DENSE_SCALES, flip=flip, ids=id_list(ids),
                            device=device, progress=not quiet)
     typer.echo(f"wrote {summary.processed} CAM files to {out}, {len(summary.failed)} failed"
                + (f" (see {out / 'errors.jsonl'})" if summary.failed else ""))
