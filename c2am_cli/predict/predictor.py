@@ -1,5 +1,6 @@
 """The one prediction path: a C2AM model with its test-time settings (scales, flip, box rule), fed by a loader that
-decodes each image once. `localize` (the folder job), `eval --weights` and `calibrate` all run through it."""
+decodes each image once. `predict` (images in memory or files, a Result each), `localize` (the folder job),
+`eval --weights` and `calibrate` all run through it."""
 from __future__ import annotations
 
 import os
