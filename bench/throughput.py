@@ -207,7 +207,7 @@ def refinement_seconds(loc: Localizer, root: Path, files: list[str]) -> float:
     """Seconds per image of what --maps adds after the forward (the map at image size, calibrated and CRF-refined
     as the weights say), image by image, with no forward to hide behind; decoding and the forward are not timed."""
     total, n = 0.0, 0
-    for predictions, _ in loc.predict(root, files, photos=loc.needs_photo(maps=True)):
+    for predictions, _ in loc.batches(root, files, photos=loc.needs_photo(maps=True)):
         for p in predictions:
             t = time.perf_counter()
             loc.full_map(p)

@@ -15,6 +15,8 @@ _PUBLIC = {  # name -> the module that defines it
     "TrainConfig": "c2am_cli.config",
     "C2AMError": "c2am_cli.runtime.errors",
     "ImageError": "c2am_cli.runtime.errors",
+    "Predictor": "c2am_cli.predict.predictor",
+    "Result": "c2am_cli.predict.predictor",
     "Localizer": "c2am_cli.predict.localize",
     "LocalizeSummary": "c2am_cli.predict.localize",
     "localize": "c2am_cli.predict.localize",

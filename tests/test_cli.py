@@ -85,8 +85,9 @@ def test_train_writes_weights_that_name_the_backbone(run):
 
 
 def _check_record_schema(payload: dict, weights: str, threshold: float) -> dict:
-    assert list(payload) == ["version", "weights", "threshold", "images"]
+    assert list(payload) == ["version", "weights", "weights_sha256", "threshold", "images"]
     assert payload["version"] == 1 and payload["weights"] == weights and payload["threshold"] == threshold
+    assert re.fullmatch(r"[0-9a-f]{64}", payload["weights_sha256"])
     records = {r["file"]: r for r in payload["images"]}
     assert sorted(records) == sorted(SIZES) and len(records) == len(payload["images"])  # one per image, relative to DIR
     for rel, r in records.items():

@@ -496,7 +496,7 @@ def test_localize_wrong_arguments(case, small_folder, model_file, tmp_path):
         args, want = args + ["--maps", tmp_path / "o", "--overlays", tmp_path / "o", "--map-format", "png"], "overwrite each other"
     elif case == "other_settings":
         assert invoke(*args).exit_code == 0
-        args, want = args + ["--threshold", "0.3"], "an earlier run used other weights or settings; pass --overwrite"
+        args, want = args + ["--threshold", "0.3"], "an earlier run used other weights or settings (threshold: 0.5 -> 0.3); pass --overwrite"
     elif case == "maps_is_a_file":  # a write that fails (like a full disk): one line naming the output
         (tmp_path / "maps").write_text("a file where the maps folder should be")
         args, want = args + ["--maps", tmp_path / "maps"], "img_000.npy: cannot write"

@@ -10,7 +10,7 @@ import typer
 from ..runtime.version import __version__
 from ..runtime.exits import EXIT_INTERRUPTED, EXIT_USAGE
 from . import evaluate, hub, localize, train, wsss
-from .options import state
+from .options import report, state
 
 app = typer.Typer(
     name="c2am",
@@ -69,6 +69,11 @@ def main() -> None:
     except (getattr(click_errors, "Abort", None) or typer.Abort):  # typer's vendored click may lack click's Abort
         typer.echo("interrupted", err=True)
         code = EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except Exception as e:  # outside any command's `friendly` (click, typer, a callback): one line all the same
+        code = report(e, debug=state["debug"] or "--debug" in sys.argv[1:])
     sys.exit(code or 0)
 
 

@@ -6,8 +6,7 @@ from typing import Optional
 
 import typer
 
-from ..config import TrainConfig
-from .options import Device, Quiet, Scales, Strict, Workers, floats, friendly
+from .options import Device, Quiet, Scales, Strict, Workers, floats, friendly, stored
 
 
 @friendly
@@ -38,11 +37,11 @@ def eval_(
     plot: Optional[Path] = typer.Option(None, help="Draw accuracy / IoU against tau into this PNG."),
     check: bool = typer.Option(False, "--check", help="Only parse and validate the dataset, then exit."),
     batch_size: int = typer.Option(32, min=1, help="--weights: images per batch."),
-    workers: Workers = TrainConfig.num_workers,
+    workers: Workers = None,
     device: Device = "auto",
     scales: Scales = None,
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="--weights: average with the flipped image."),
-    boxes_from: Optional[str] = typer.Option(None, help="--weights: CorLoc boxes from the activation map (map) or the refined mask (mask). Default: stored with the weights."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="--weights: average with the flipped image. " + stored("flip")),
+    boxes_from: Optional[str] = typer.Option(None, help="--weights: CorLoc boxes from the activation map (map) or the refined mask (mask). " + stored("boxes_from")),
     strict: Strict = False,
     quiet: Quiet = False,
 ):
@@ -53,6 +52,7 @@ def eval_(
     21-class mIoU for pseudo-masks. Max* numbers are oracles (best tau on the evaluated images) and say so;
     --calibrate-on / --calibration-fraction choose tau on other images.
 
+    \b
     Example: c2am eval --dataset masks --root data/ecssd --maps maps/ --calibration-fraction 0.5 --out metrics.json
 
     Exit code 0: all images scored; 3: scored, but some maps or images could not be read (listed in the output).
@@ -72,7 +72,7 @@ def eval_(
                       scales=floats(scales), flip=flip, boxes_from=boxes_from, batch_size=batch_size,
                       num_workers=workers, strict=strict, progress=not quiet, backbone=backbone,
                       backbone_weights=backbone_weights, bilateral=bilateral, graph_tau=graph_tau)
-    typer.echo(format_table(report))
+    typer.echo(format_table(report, out))
     if out is not None:
         write_json_atomic(out, report.as_dict())
         typer.echo(f"wrote {out}")
@@ -100,14 +100,15 @@ def calibrate(
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Store test-time flip on or off first."),
     edge_radius: Optional[float] = typer.Option(None, min=0.0, help="Store this guided-filter radius (share of the shorter side; 0: off) first."),
     half: bool = typer.Option(False, "--half", help="Store the weights as float16 (half the size)."),
-    batch_size: int = typer.Option(32, min=1),
-    workers: Workers = TrainConfig.num_workers,
+    batch_size: int = typer.Option(32, min=1, help="Images per batch."),
+    workers: Workers = None,
     device: Device = "auto",
     quiet: Quiet = False,
 ):
     """Calibrate weights on labelled images: maps become foreground probabilities, the dense-CRF setting and the
     box tau are chosen there, and all three are stored with the weights.
 
+    \b
     Example: c2am calibrate --weights runs/c2am --dataset masks --root data/ecssd --calibration-fraction 0.5 --out calibrated.safetensors
     """
     import torch

@@ -18,6 +18,7 @@ def pull(
 ):
     """Fetch C2AM weights (model.safetensors, config.json, model card) from the Hugging Face Hub; print the local path.
 
+    \b
     Example: c2am pull org/c2am-resnet50@v1.0   then   c2am localize ./images --weights hf://org/c2am-resnet50@v1.0
 
     Offline (HF_HUB_OFFLINE=1) the cached copy is used; a registry name's sha256 is always verified.
@@ -45,6 +46,7 @@ def push(
 ):
     """Upload model.safetensors, config.json and a generated model card to the Hugging Face Hub.
 
+    \b
     Example: c2am push runs/r50 your-name/c2am-resnet50 --license apache-2.0
     """
     from ..hub.push import push as run_push

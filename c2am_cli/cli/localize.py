@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .options import Device, MAX_PIXELS, MaxPixels, Quiet, Scales, Strict, Workers, floats, friendly
+from .options import Device, MAX_PIXELS, MaxPixels, Quiet, Scales, Strict, Workers, floats, friendly, stored
 
 
 @friendly
@@ -16,14 +16,14 @@ def localize(
     weights: Optional[str] = typer.Option(None, help="Run folder, .safetensors file, registry name or hf://org/repo[@rev]. Default: the embedded model."),
     maps: Optional[Path] = typer.Option(None, help="Write activation maps here, at image size, same relative paths."),
     map_format: str = typer.Option("npy", help="npy (float16), png (8-bit) or both."),
-    overlays: Optional[Path] = typer.Option(None, help="Write overlay PNGs (map + boxes) here."),
+    overlays: Optional[Path] = typer.Option(None, help="Write overlay PNGs here: the map the boxes come from (the activation map, or the refined one with --boxes-from mask), its boxes, and a legend naming it."),
     format: str = typer.Option("json", "--format", help="json or coco."),
-    threshold: Optional[float] = typer.Option(None, help="Box threshold tau in [0, 1], relative to each map's max. Default: stored with the weights."),
+    threshold: Optional[float] = typer.Option(None, help="Box threshold tau in [0, 1], relative to each map's max. " + stored("box_threshold")),
     all_boxes: bool = typer.Option(False, "--all-boxes", help="One box per connected region instead of the largest only."),
-    boxes_from: Optional[str] = typer.Option(None, help="map: boxes from the activation map (fast); mask: from the refined (calibrated, CRF) mask at image size, better boxes at some CPU time per image. Default: stored with the weights."),
+    boxes_from: Optional[str] = typer.Option(None, help="map: boxes from the activation map (fast); mask: from the refined (calibrated, CRF) mask at image size, better boxes at some CPU time per image. " + stored("boxes_from")),
     scales: Scales = None,
-    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Average with the horizontally flipped image."),
-    batch_size: int = typer.Option(32, min=1),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Average with the horizontally flipped image. " + stored("flip")),
+    batch_size: int = typer.Option(32, min=1, help="Images per batch (through the model at once)."),
     workers: Workers = None,
     device: Device = "auto",
     max_pixels: MaxPixels = MAX_PIXELS,
@@ -35,6 +35,7 @@ def localize(
 ):
     """Localise objects: activation maps and class-agnostic boxes for every image of a folder.
 
+    \b
     Example: c2am localize ./images --out boxes.json --maps maps/ --overlays overlays/
 
     Exit code 0: all images done; 3: done, but some files could not be read (listed in OUT.errors.jsonl).

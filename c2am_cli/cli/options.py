@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import functools
 import traceback
 from pathlib import Path
@@ -17,49 +18,80 @@ state = {"debug": False}
 
 Device = Annotated[str, typer.Option("--device", help="Where the model runs: auto, cpu, cuda, cuda:N or mps.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (errors and the summary line still print).")]
-Scales = Annotated[Optional[str], typer.Option(
-    "--scales", help="Test-time scales, averaged, e.g. '0.5,1,1.5'. Default: stored with the weights "
-                     "(refine: 0.5,1,1.5,2; cams: 1).")]
+
+
+def stored(key: str, trained=None) -> str:
+    """'Default: stored with the weights (X for the embedded default, Y for weights you train)' for a help text:
+    X read from the embedded default's config.json (json only, so --help imports no torch), Y from ModelConfig."""
+    from ..config import ModelConfig
+    from ..hub.registry import DEFAULT_NAME, weights_dir
+
+    def show(value) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, (list, tuple)):
+            return ",".join(show(v) for v in value)
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    try:
+        value = show(json.loads((weights_dir() / DEFAULT_NAME / "config.json").read_text("utf-8"))["model"][key])
+    except Exception:  # a broken installation: the help still prints
+        value = "?"
+    mine = show(getattr(ModelConfig, key) if trained is None else trained)
+    return f"Default: stored with the weights ({value} for the embedded default, {mine} for weights you train)."
+
+
+def scales_option(default: str):
+    """The --scales option with the command's own default said."""
+    return Annotated[Optional[str], typer.Option("--scales", help=f"Test-time scales, averaged, e.g. '0.5,1,1.5'. {default}")]
+
+
+Scales = scales_option(stored("scales"))
 Workers = Annotated[Optional[int], typer.Option(
-    "--workers", min=0, help="DataLoader worker processes (decode and resize). localize's default: none on a CPU of "
-                             "up to 4 cores, where the model uses them all; 2 on bigger CPUs; min(8, cores/2) with a GPU.")]
+    "--workers", min=0, help="DataLoader worker processes (decode and resize). Default: none on a CPU of up to 4 "
+                             "cores, where the model uses them all; 2 on bigger CPUs; min(8, cores/2) with a GPU.")]
+TrainWorkers = Annotated[int, typer.Option(
+    "--workers", min=0, help="DataLoader worker processes (decode and augment). Default: 2, whatever the machine: the "
+                             "augmentations' random streams depend on the worker count, so a --seed repeats a run "
+                             "only with the same --workers.")]
 MaxPixels = Annotated[int, typer.Option("--max-pixels", min=1, help="Refuse larger images (decompression bombs).")]
 Strict = Annotated[bool, typer.Option("--strict", help="Stop at the first unreadable input.")]
 
 
+def report(e: Exception, debug: bool = False) -> int:
+    """Print an error as one line on stderr (the traceback before it only with --debug) and return exit code 2: a
+    C2AMError as it is, a full disk or unwritable folder by its reason, anything else by its type and message."""
+    if debug:
+        traceback.print_exception(e)
+    if isinstance(e, C2AMError):
+        line = str(e)
+    elif isinstance(e, OSError) and e.errno is not None:  # a full disk, a read-only or vanished folder
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        where = f"{e.filename}: " if e.filename else ""
+        why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
+            else f"{e.strerror or e}"
+        line = f"{where}{why}"
+    else:  # anything else is a bug or an environment problem: still one line, unless --debug
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        line = f"{type(e).__name__}: {text} (c2am --debug ... shows the traceback)"
+    typer.echo(f"error: {line}", err=True)
+    return EXIT_USAGE
+
+
 def friendly(fn):
-    """Turn any error into one line on stderr and exit code 2 (the traceback only with --debug): a C2AMError as it
-    is, a full disk or unwritable folder by its reason, anything else by its type and message."""
+    """Run a command so that any error becomes one line on stderr and exit code 2 (see `report`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except C2AMError as e:
-            if state["debug"]:
-                traceback.print_exc()
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except OSError as e:  # a full disk, a read-only or vanished folder, met outside c2am's own checks
-            if state["debug"]:
-                traceback.print_exc()
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-            where = f"{e.filename}: " if e.filename else ""
-            why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
-                else f"{e.strerror or e}"
-            typer.echo(f"error: {where}{why}", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
-        except Exception as e:  # anything else is a bug or an environment problem: still one line, unless --debug
-            if state["debug"]:
-                traceback.print_exc()
-            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            typer.echo(f"error: {type(e).__name__}: {text} (c2am --debug ... shows the traceback)", err=True)
-            raise typer.Exit(EXIT_USAGE) from None
+        except Exception as e:
+            raise typer.Exit(report(e, state["debug"])) from None
 
     return wrapper
 

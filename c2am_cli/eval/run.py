@@ -13,7 +13,7 @@ def run_eval(dataset: str, root, *, maps=None, weights=None, baseline: str | Non
              calibration_fraction: float | None = None, seed: int = 0, threshold: float | None = None,
              top5=None, interval: float = 0.01, maps_normalized: bool = False, allow_pickle: bool = False,
              box_source: str = "mask", mask_format: str = "semantic", device: str = "auto", scales=None, flip=None,
-             boxes_from: str | None = None, batch_size: int = 32, num_workers: int = 2, strict: bool = False,
+             boxes_from: str | None = None, batch_size: int = 32, num_workers: int | None = None, strict: bool = False,
              progress: bool = True, backbone: str | None = None, backbone_weights: str | None = None,
              bilateral: bool = False, graph_tau: float = 0.2) -> Report:
     """Parse `dataset` at `root` and score exactly one input: --maps, --weights, --baseline or --masks.

@@ -202,7 +202,7 @@ class ModelMaps(MapSource):
     normalized = True  # iterate() normalises and refines them itself
 
     def __init__(self, image_root, weights=None, device: str = "auto", scales=None, flip=None, batch_size: int = 32,
-                 num_workers: int = 2, boxes_from: str | None = None, keep_photos: bool = False):
+                 num_workers: int | None = None, boxes_from: str | None = None, keep_photos: bool = False):
         from ..predict.predictor import Predictor
 
         self.image_root = Path(image_root)
@@ -235,7 +235,7 @@ class ModelMaps(MapSource):
         from_mask = pred.boxes_from == "mask"
         refine_photo = uses_image(mc) and (need_full or from_mask)
         files = [it.image for it in items]
-        for predictions, errors in pred.predict(self.image_root, files, photos=refine_photo or self.keep_photos):
+        for predictions, errors in pred.batches(self.image_root, files, photos=refine_photo or self.keep_photos):
             for idx, reason in errors:
                 yield SourceMaps(idx, error=reason)
             for p in predictions:

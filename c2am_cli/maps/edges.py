@@ -11,6 +11,7 @@ import warnings
 import cv2
 import numpy as np
 
+from ..runtime.errors import C2AMError
 from .boxes import normalize_map
 from .calibration import apply_calibration
 
@@ -54,6 +55,15 @@ def refine_map(image, scoremap: np.ndarray, radius: float, eps: float = 1e-2) ->
     """Guided-filter a map at the image's size (radius as a share of the shorter side); result clipped to [0, 1]."""
     r = max(1, round(radius * min(scoremap.shape)))
     return np.clip(guided_filter(np.asarray(image), scoremap, r, eps), 0.0, 1.0)
+
+
+def require_crf(option: str) -> None:
+    """A C2AMError naming `option` unless pydensecrf2 imports: checked before any work, not at the first image."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        import pydensecrf.utils  # noqa: F401
+    except ImportError:
+        raise C2AMError(f"{option} needs pydensecrf2: pip install 'c2am[crf]' (it builds with a C++ compiler)") from None
 
 
 def dense_crf(image, unary: np.ndarray, iterations: int, bilateral=(60.0, 10.0, 5.0), gaussian=(3.0, 3.0)) -> np.ndarray:

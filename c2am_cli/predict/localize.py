@@ -18,14 +18,13 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..runtime import distributed
-from ..maps.boxes import boxes_from_map, scale_boxes
 from ..maps.edges import full_size_map, uses_image
 from ..data.images import load_image, pause_for_tests, scan_images
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
 from ..models.c2am import C2AM
 from ..runtime.exits import EXIT_SOME_FAILED, RunSummary  # noqa: F401  (EXIT_SOME_FAILED: re-exported)
-from .predictor import Predictor, default_workers  # noqa: F401  (default_workers: re-exported)
+from .predictor import Prediction, Predictor, default_workers  # noqa: F401  (default_workers: re-exported)
 
 
 
@@ -61,8 +60,24 @@ def model_digest(model: C2AM) -> str:
     return h.hexdigest()[:16]
 
 
-def overlay(image: Image.Image, heat: np.ndarray, boxes: list[list[int]]) -> Image.Image:
-    """The image under a jet-coloured map (alpha 0.5) with its boxes drawn in green."""
+def changed_settings(before: dict, now: dict) -> str:
+    """The settings of a run's manifest that differ from this run's, as 'name: old -> new'; other weights as their
+    names and model digests."""
+    parts = []
+    for key, value in now.items():
+        value, old = json.loads(dumps(value)), before.get(key, "(unset)")
+        if key in ("weights", "settings") or value == old:
+            continue
+        if key == "model":
+            parts.append(f"weights: {before.get('weights')} (model {old}) -> {now.get('weights')} (model {value})")
+        else:
+            parts.append(f"{key}: {old} -> {value}")
+    return "; ".join(parts) or "its fingerprint"
+
+
+def overlay(image: Image.Image, heat: np.ndarray, legend: str, boxes: list[list[int]]) -> Image.Image:
+    """The image under a jet-coloured map (alpha 0.5), the boxes of that very map in green, and a legend at the top
+    left saying which map it is."""
     import cv2
 
     colour = cv2.applyColorMap((np.clip(heat, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
@@ -71,6 +86,9 @@ def overlay(image: Image.Image, heat: np.ndarray, boxes: list[list[int]]) -> Ima
     width = max(2, round(min(out.size) / 150))
     for x1, y1, x2, y2 in boxes:
         draw.rectangle([x1, y1, x2, y2], outline=(0, 255, 0), width=width)
+    left, top, right, bottom = draw.textbbox((4, 4), legend)
+    draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=(0, 0, 0))
+    draw.text((4, 4), legend, fill=(255, 255, 255))
     return out
 
 
@@ -220,7 +238,8 @@ class Localizer(Predictor):
         else:
             previous = manifest.read()
             if previous and previous[0].get("settings") != fingerprint:
-                raise C2AMError(f"{manifest.path}: an earlier run used other weights or settings; pass --overwrite to redo it")
+                raise C2AMError(f"{manifest.path}: an earlier run used other weights or settings "
+                                f"({changed_settings(previous[0], settings)}); pass --overwrite to redo it")
             for r in previous[1:]:
                 if "record" in r:
                     done[r["record"]["file"]] = r["record"]
@@ -261,7 +280,7 @@ class Localizer(Predictor):
         if fmt == "coco":
             write_json_atomic(out, to_coco(records))
         else:
-            write_json_atomic(out, {"version": 1, "weights": self.weights_name, "threshold": self.threshold, "images": records})
+            write_json_atomic(out, {"version": 1, "weights": self.weights_name, "weights_sha256": self.weights_sha256, "threshold": self.threshold, "images": records})
         return summary if distributed.world_size() == 1 else merge_parts(summary, all_files, *final)
 
     def _stream(self, job: _Job, outputs: Outputs, progress: bool) -> None:
@@ -325,30 +344,25 @@ class Localizer(Predictor):
         """Boxes, map files and the overlay of one image; `photo` is its decoded full-size image, if the loader kept it."""
         maps_dir, map_format, overlays_dir = outputs.maps_dir, outputs.map_format, outputs.overlays_dir
         npy_name, png_name = outputs.npy_names[rel], outputs.png_names[rel]
-        w, h = size
-        mc = self.model.config.model
-        from_mask = self.boxes_from == "mask"
-        if not from_mask:
-            boxes, scores = boxes_from_map(m.cpu().numpy(), self.threshold, self.all_boxes)
-            boxes = scale_boxes(boxes, (m.shape[-1], m.shape[-2]), (w, h))
-        if from_mask or maps_dir is not None or overlays_dir is not None:
-            img = None
-            if photo is not None:
-                img = Image.fromarray(np.ascontiguousarray(photo.permute(1, 2, 0).numpy()))  # the pixels of load_image
-            elif overlays_dir is not None or uses_image(mc):
+        prediction = Prediction(0, size, m, photo)
+        if self.boxes_from == "mask" or maps_dir is not None or overlays_dir is not None:
+            img = prediction.image()  # the pixels of load_image
+            if img is None and (overlays_dir is not None or uses_image(self.model.config.model)):
                 try:
                     img = load_image(Path(image_dir) / rel, self.max_pixels)
                 except ImageError:
                     pass  # it decoded a moment ago; a file changed under us only loses its overlay and refinement
-            full = full_size_map(m, (w, h), img, mc)
-            if from_mask:
-                boxes, scores = boxes_from_map(full, self.threshold, self.all_boxes)
+            full = full_size_map(m, size, img, self.model.config.model)
+            boxes, scores = self.boxes(prediction, full)
             if maps_dir is not None and map_format in ("npy", "both"):
                 save_npy_atomic(Path(maps_dir) / npy_name, full.astype(np.float16))
             if maps_dir is not None and map_format in ("png", "both"):
                 save_png_atomic(Path(maps_dir) / png_name, Image.fromarray((full * 255 + 0.5).astype(np.uint8), mode="L"))
             if overlays_dir is not None and img is not None:
-                save_png_atomic(Path(overlays_dir) / png_name, overlay(img, full, boxes))
+                save_png_atomic(Path(overlays_dir) / png_name, overlay(img, *self.box_map(prediction, full), boxes))
+        else:
+            boxes, scores = self.boxes(prediction)
+        w, h = size
         return {"file": rel, "width": w, "height": h, "boxes": boxes, "scores": scores}
 
 

@@ -1,11 +1,12 @@
 """The one prediction path: a C2AM model with its test-time settings (scales, flip, box rule), fed by a loader that
-decodes each image once. `localize` (the folder job), `eval --weights` and `calibrate` all run through it."""
+decodes each image once. `predict` (images in memory or files, a Result each), `localize` (the folder job),
+`eval --weights` and `calibrate` all run through it."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -14,7 +15,10 @@ from torch.utils.data import DataLoader
 
 from ..data.images import (DEFAULT_MAX_PIXELS, SquashedImages, apply_orientation, collate, decode_jpeg_bytes,
                            load_image_tensor, normalize_batch, squash)
+from ..maps.boxes import binarize, boxes_from_map, normalize_map, scale_boxes
 from ..maps.edges import full_size_map, uses_image
+from ..hub.registry import file_sha256
+from ..hub.resolve import resolve_weights
 from ..models.c2am import C2AM
 from ..runtime import distributed
 from ..runtime.device import autocast, resolve_device
@@ -35,6 +39,37 @@ class Prediction:
         if self.photo is None:
             return None
         return Image.fromarray(np.ascontiguousarray(self.photo.permute(1, 2, 0).numpy()))
+
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # a file, a PIL image, or uint8 (H, W[, 3|4]) pixels
+
+
+@dataclass
+class Result:
+    """What `Predictor.predict` gives per image, at the image's own size (H, W)."""
+
+    map: np.ndarray  # float32 (H, W) in [0, 1], high = foreground, refined as the weights say (calibration, CRF)
+    boxes: list[list[int]]  # [x1, y1, x2, y2] in inclusive pixels, best first (the boxes `c2am localize` writes)
+    scores: list[float]  # per box: the mean normalised activation inside it
+    mask: np.ndarray  # bool (H, W): P >= 0.5 of a calibrated map, else the map above tau times its max
+    source: str | None = None  # the file's path, or None for an image given as pixels
+
+
+def to_uint8_chw(image: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """An input of `predict` as uint8 (3, H, W): files decoded upright as the folder loader does (EXIF applied),
+    PIL images converted to RGB as they are, arrays taken as RGB(A) or grey pixels."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image_tensor(image, max_pixels)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if not isinstance(image, np.ndarray):
+        raise C2AMError(f"predict: give image paths, PIL images or uint8 arrays, not {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise C2AMError(f"predict: an array image must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} "
+                        f"{image.shape}")
+    image = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
+    image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3]
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # a copy: writable
 
 
 def default_workers(device: torch.device) -> int:
@@ -69,7 +104,12 @@ class Predictor:
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, prefetch_factor: int = 4, compile: bool | dict = False,
                  gpu_decode: bool = False, boxes_from: str | None = None):
         self.device = distributed.init(resolve_device(device))  # under torchrun: join the group, take GPU LOCAL_RANK
-        self.model = weights if isinstance(weights, C2AM) else C2AM.from_pretrained(weights)
+        if isinstance(weights, C2AM):
+            self.model, self.weights_name, self.weights_sha256 = weights, "<in-memory model>", None
+        else:  # boxes.json names the weights as given ("default" for the embedded one) and by their file's sha256
+            path = resolve_weights(weights)
+            self.model = C2AM.from_file(path)
+            self.weights_name, self.weights_sha256 = "default" if weights is None else str(weights), file_sha256(path)
         self.model.to(self.device).eval()
         if self.device.type in ("cuda", "cpu"):  # oneDNN and cuDNN: 1.6x (resnet50) to 2.5x (lite0) on a 2-core CPU
             self.model.to(memory_format=torch.channels_last)
@@ -95,7 +135,6 @@ class Predictor:
         self.flip = mc.flip if flip is None else flip
         self.num_workers = default_workers(self.device) if num_workers is None else num_workers
         self.batch_size, self.max_pixels = batch_size, max_pixels
-        self.weights_name = str(weights) if not isinstance(weights, C2AM) else "<in-memory model>"
 
     def settings(self) -> dict:
         return {"weights": self.weights_name, "threshold": self.threshold, "all_boxes": self.all_boxes,
@@ -131,7 +170,51 @@ class Predictor:
                           prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
                           worker_init_fn=_yield_to_model if self.device.type == "cpu" else None)
 
-    def predict(self, root, files: list[str], photos: bool = False) -> Iterator[tuple[list[Prediction], list[tuple[int, str]]]]:
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Result | list[Result]:
+        """Maps, boxes and masks of images given as paths, PIL images or uint8 arrays, in batches of `batch_size`:
+        each map at its image's size, refined as the weights say, with the boxes `c2am localize` writes for it.
+        One image gives one Result, a list of them a list."""
+        single = isinstance(images, (str, os.PathLike, Image.Image, np.ndarray))
+        images = [images] if single else list(images)
+        size = self.model.config.model.image_size
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            photos = [to_uint8_chw(image, self.max_pixels) for image in chunk]
+            maps = self.maps(torch.stack([squash(p, size) for p in photos]))
+            for image, photo, m in zip(chunk, photos, maps):
+                prediction = Prediction(0, (photo.shape[2], photo.shape[1]), m, photo)
+                full = self.full_map(prediction)
+                boxes, scores = self.boxes(prediction, full)
+                source = str(image) if isinstance(image, (str, os.PathLike)) else None
+                results.append(Result(full, boxes, scores, self.mask(full), source))
+        return results[0] if single else results
+
+    def boxes(self, prediction: Prediction, full: np.ndarray | None = None) -> tuple[list[list[int]], list[float]]:
+        """A prediction's boxes (and scores) in image pixels: from its model-resolution map, or with boxes_from
+        'mask' from its refined map at image size (`full`, computed here if not given)."""
+        if self.boxes_from == "mask":
+            return boxes_from_map(self.full_map(prediction) if full is None else full, self.threshold, self.all_boxes)
+        m = prediction.map
+        boxes, scores = boxes_from_map(m.cpu().numpy(), self.threshold, self.all_boxes)
+        return scale_boxes(boxes, (m.shape[-1], m.shape[-2]), prediction.size), scores
+
+    def box_map(self, prediction: Prediction, full: np.ndarray) -> tuple[np.ndarray, str]:
+        """The map at image size that a prediction's boxes come from, and a legend saying which it is: the refined
+        map `full` with boxes_from 'mask', else the activation map brought to image size unrefined."""
+        tau = f"boxes at tau {self.threshold:.2f} of its max"
+        if self.boxes_from == "mask":
+            return full, f"refined map (as the weights say); {tau}"
+        return self.full_map(prediction, refine=False), f"activation map (unrefined); {tau}"
+
+    def mask(self, full: np.ndarray) -> np.ndarray:
+        """The foreground mask of a map at image size: P >= 0.5 where the weights are calibrated (the map is a
+        probability), else the region above tau times the map's max, the one the boxes are drawn around."""
+        if self.model.config.model.calibration:
+            return full >= 0.5
+        return binarize(normalize_map(full), self.threshold) > 0
+
+    def batches(self, root, files: list[str], photos: bool = False) -> Iterator[tuple[list[Prediction], list[tuple[int, str]]]]:
         """Per batch: the Predictions of its good images and the (index, reason) of the unreadable ones."""
         failed: list[tuple[int, str]] = []
         for batch in self.loader(root, files, photos):

@@ -22,7 +22,7 @@ from ..runtime.errors import C2AMError, DiskFull
 from ..runtime.io import JsonLines, save_npz_atomic
 from ..runtime.exits import RunSummary
 from .cam_files import class_index, read_labels
-from .refine import image_index, record_failure
+from .refine import DENSE_SCALES, image_index, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
 
@@ -148,7 +148,7 @@ class CamsSummary(RunSummary):
 
 
 def compute_cams(images_dir, labels, out, classifier: str = "tf_efficientnet_lite0", classifier_weights: str | None = "timm",
-                 class_map=None, scales=(1.0,), flip: bool = False, ids=None, device: str = "auto",
+                 class_map=None, scales=DENSE_SCALES, flip: bool = True, ids=None, device: str = "auto",
                  max_side: int = 1024, classes=VOC_CLASSES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                  progress: bool = True) -> CamsSummary:
     """`<out>/<id>.npz` (keys from 0, high_res (K, H, W) float16 at image size, classes) for every labelled image;

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..data.arrays import check_npy_sizes
 from ..data.images import DEFAULT_MAX_PIXELS, load_image, scan_images, to_tensor_normalized
 from ..data.datasets import VOC_CLASSES
+from ..maps.edges import require_crf
 from ..runtime.errors import C2AMError, DiskFull
 from ..runtime.exits import RunSummary
 from ..runtime.io import JsonLines, save_png_atomic
@@ -54,11 +55,8 @@ def crf_cue(image: np.ndarray, fg: np.ndarray, iterations: int = 10, gt_prob: fl
     with IRN's crf_inference_label settings (Gaussian sxy 3 compat 3, bilateral sxy 50 srgb 5 compat 10)."""
     from ..maps.edges import dense_crf
 
-    try:
-        import pydensecrf.densecrf  # noqa: F401  (dense_crf's engine)
-        from pydensecrf.utils import unary_from_labels
-    except ImportError:
-        raise C2AMError("--crf needs pydensecrf2: pip install 'c2am[crf]' (it builds with a C++ compiler)") from None
+    require_crf("--crf")
+    from pydensecrf.utils import unary_from_labels
     h, w = fg.shape
     if image.shape[:2] != (h, w):
         raise C2AMError(f"CRF: image {image.shape[1]}x{image.shape[0]} and cue {w}x{h} differ in size")
@@ -192,6 +190,8 @@ class Refiner:
             raise C2AMError(f"--crf {crf}: give a number of mean-field iterations (0 = no CRF)")
         if crf and mode != "c2am":
             raise C2AMError("--crf refines the background cue: use it with --mode c2am")
+        if crf:
+            require_crf(f"--crf {crf}")
         if weights is not None and cues_dir is not None:
             raise C2AMError("give either --weights (cues computed here) or --cues (a folder of cues), not both")
         if mode != "threshold" and weights is None and cues_dir is None:
