@@ -1,6 +1,6 @@
 """Benchmark: MaxBoxAccV2 (and MaxBoxAcc, same pass) of N synthetic 224x224 activation maps over 100 thresholds.
 
-Target (issue 3): 5,000 maps in under 30 s on the 2-core development machine.
+Target: 5,000 maps in under 30 s on the 2-core development machine.
 Usage: python bench/eval_speed.py [--n 5000] [--interval 0.01] [--seed 0]
 The maps are CAM-like: 1-3 Gaussian blobs plus noise, pooled to 14x14 and upsampled bicubically (as
 wsolevaluation does with real CAMs), so some thresholds give several contours. Map generation is not timed.

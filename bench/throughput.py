@@ -1,4 +1,4 @@
-"""Throughput benchmark (issue 7): `c2am localize` end to end against the bare backbone forward and grad-cam's EigenCAM,
+"""Throughput benchmark: `c2am localize` end to end against the bare backbone forward and grad-cam's EigenCAM,
 a C2AM training step against a bare forward+backward+SGD step, and peak RSS of streaming runs of 1,000 and 10,000 images.
 
 Usage (1.5 to 3.5 minutes on a 2-core CPU; every number of one run comes from the same images and the same model):

@@ -1,4 +1,4 @@
-"""torchrun (issue 8): the global-batch contrast under DDP equals one process on the same batch; a 2-process training
+"""torchrun: the global-batch contrast under DDP equals one process on the same batch; a 2-process training
 epoch checkpoints and resumes; sharded localize equals a single-process run. 2 processes, gloo backend, CPU."""
 from __future__ import annotations
 

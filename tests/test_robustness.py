@@ -1,4 +1,4 @@
-"""Batch jobs that never lose work (issue 6): every kind of bad input, SIGKILL and resume, atomic outputs,
+"""Batch jobs that never lose work: every kind of bad input, SIGKILL and resume, atomic outputs,
 one-line errors. Tiny random test_resnet models at 64 px, --workers 0."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ UNLISTABLE = "locked_dir"
 
 
 def build_messy_folder(root: Path) -> tuple[dict[str, str | None], callable]:
-    """Good images mixed with every bad kind of issue 6. Returns {relative path: None if it must be localised, else
+    """Good images mixed with every bad kind. Returns {relative path: None if it must be localised, else
     a word its error reason must contain}, and a context manager that makes the unreadable cases unreadable
     (chmod 000, or, as root where chmod does not stop reads, the same PermissionError simulated)."""
     root.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The streaming localisation pipeline (issue 7): torchvision decoding equals Pillow's, uint8 squashing equals
+"""The streaming localisation pipeline: torchvision decoding equals Pillow's, uint8 squashing equals
 eval_transform, boxes do not depend on workers or on where JPEGs are decoded, and the background writer keeps the
 manifest in order and after the files. Tiny random test_resnet models at 64 px."""
 from __future__ import annotations
