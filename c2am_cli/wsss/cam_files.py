@@ -35,15 +35,20 @@ def class_index(name, classes=VOC_CLASSES) -> int | None:
     return i if i else None  # 'background' is no image-level label
 
 
+def read_json(path: Path, what: str):
+    """A JSON file's content, or one line saying why not (`what` names the file for the user: "labels", ...)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise C2AMError(f"{path}: no such {what} file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise C2AMError(f"{path}: cannot read the {what} ({e})") from None
+
+
 def read_labels(path, classes=VOC_CLASSES) -> dict[str, tuple[int, ...]]:
     """Image-level labels from JSON {id: [class names or numbers present]}, as id -> sorted class indices."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise C2AMError(f"{path}: no such labels file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise C2AMError(f"{path}: cannot read labels ({e})") from None
+    data = read_json(path, "labels")
     if not isinstance(data, dict):
         raise C2AMError(f"{path}: labels must be a JSON object {{image id: [class names]}}")
     out = {}

@@ -6,7 +6,6 @@ its CAM is the CAM of the log-sum-exp of their logits, i.e. the class weights av
 logits on that image, so the breed the network sees counts most."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from ..data.datasets import VOC_CLASSES
 from ..runtime.errors import C2AMError, DiskFull
 from ..runtime.io import JsonLines, save_npz_atomic
 from ..runtime.exits import RunSummary
-from .cam_files import class_index, read_labels
+from .cam_files import class_index, read_json, read_labels
 from .refine import DENSE_SCALES, image_index, record_failure
 
 VOC_IMAGENET = Path(__file__).with_name("voc_imagenet.json")
@@ -31,12 +30,7 @@ def load_class_map(path=None, classes=VOC_CLASSES) -> dict[int, list[int]]:
     """Target class index (1..K) -> classifier output indices, from JSON {"classes": {name: [index or
     {"index": i, ...}]}} or plain {name: [indices]}; default: the shipped VOC -> ImageNet-1k map."""
     path = Path(path) if path is not None else VOC_IMAGENET
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise C2AMError(f"{path}: no such class map") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise C2AMError(f"{path}: cannot read the class map ({e})") from None
+    data = read_json(path, "class map")
     entries = data.get("classes", data) if isinstance(data, dict) else None
     if not isinstance(entries, dict):
         raise C2AMError(f"{path}: a class map is a JSON object {{class name: [classifier indices]}}")
