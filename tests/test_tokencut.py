@@ -1,5 +1,6 @@
 """TokenCut baseline: the cut on synthetic patch grids and a hand-checked graph, the bilateral solver on a synthetic
 edge, ViT keys against a manual qkv, and the predictor / map source on a tiny random ViT (all CPU, no weights)."""
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -298,3 +299,31 @@ def test_map_source_yields_maps_at_each_size():
     assert out[0][1].shape == (224, 224) and out[0][2].shape == (37, 50) and out[2][2].shape == (24, 24)
     assert 0.0 <= out[0][2].min() and out[0][2].max() <= 1.0
     assert src.describe()["baseline"] == "tokencut"
+
+
+def test_eval_baseline_tokencut_from_the_command_line(tmp_path):
+    """`c2am eval --baseline tokencut` on a masks folder with a ViT's weights from a timm-named file: the report names
+    the baseline and both yardsticks; --bilateral runs the solver; its options without the baseline are one line."""
+    import timm
+    from safetensors.torch import save_file
+
+    from cli_helpers import invoke, one_error_line
+    from test_datasets import write_masks_folder
+
+    write_masks_folder(tmp_path / "set", n=3)
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    weights = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(weights))
+    common = ["eval", "-d", "masks", "--root", tmp_path / "set", "--baseline", "tokencut", "--backbone",
+              "vit_tiny_patch16_224", "--backbone-weights", weights, "--quiet", "--out", tmp_path / "m.json"]
+    r = invoke(*common)
+    assert r.exit_code == 0, r.output
+    assert "source: baseline tokencut" in r.output and "maxF_meanPR" in r.output and "IoU@0.5" in r.output
+    d = json.loads((tmp_path / "m.json").read_text())
+    assert d["images"]["evaluated"] == 3 and d["source"]["backbone"] == "vit_tiny_patch16_224"
+    assert 0 <= d["oracle"]["maxF"] <= d["oracle"]["maxF_meanPR"] + 1e-9 <= 100 + 1e-9
+    r = invoke(*common, "--bilateral", "--graph-tau", "0.5")
+    assert r.exit_code == 0 and json.loads((tmp_path / "m.json").read_text())["source"]["bilateral"] is True
+    line = one_error_line(invoke("eval", "-d", "masks", "--root", tmp_path / "set", "--baseline", "center", "--bilateral"))
+    assert "use them with --baseline tokencut" in line
