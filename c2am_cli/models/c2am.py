@@ -235,7 +235,7 @@ class C2AM(nn.Module):
         """Load a .safetensors file written by `save` (never a pickle)."""
         from safetensors import safe_open
 
-        from .validate import check_finite, check_fit, check_model_config
+        from .validate import check_finite, check_fit, check_model_config, check_shapes
 
         path = Path(path)
         try:
@@ -257,9 +257,8 @@ class C2AM(nn.Module):
             raise C2AMError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
         model = cls(config)
         own = model.state_dict()
-        bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
-        if bad or len(state) != len(own):
-            raise C2AMError(f"{path}: weights do not fit backbone {config.model.backbone!r} ({len(bad)} tensors missing or of another shape)")
+        check_shapes(path, config.model.backbone, {k: tuple(v.shape) for k, v in own.items()},
+                     {k: tuple(v.shape) for k, v in state.items()})  # again where the meta-device build could not run
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
         return model.to(device).eval()
 

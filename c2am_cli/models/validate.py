@@ -72,10 +72,14 @@ def check_fit(path: Path, model_class, config, shapes: dict[str, tuple[int, ...]
         raise C2AMError(f"{path}: {e}") from None
     except Exception:  # a backbone that cannot be built on the meta device: the real build checks it
         return
+    check_shapes(path, config.model.backbone, own, shapes)
+
+
+def check_shapes(path: Path, backbone: str, own: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a file whose tensors (name -> shape) are not exactly the model's."""
     bad = [k for k in own if shapes.get(k) != own[k]]
     if bad or len(shapes) != len(own):
-        raise C2AMError(f"{path}: weights do not fit backbone {config.model.backbone!r} "
-                        f"({len(bad)} tensors missing or of another shape)")
+        raise C2AMError(f"{path}: weights do not fit backbone {backbone!r} ({len(bad)} tensors missing or of another shape)")
 
 
 def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:

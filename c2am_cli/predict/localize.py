@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..runtime import distributed
-from ..maps.edges import full_size_map, uses_image
+from ..maps.edges import uses_image
 from ..data.images import load_image, pause_for_tests, scan_images
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.io import JsonLines, dumps, remove_stale_temps, save_npy_atomic, save_png_atomic, write_json_atomic, write_text_atomic
@@ -352,7 +352,7 @@ class Localizer(Predictor):
                     img = load_image(Path(image_dir) / rel, self.max_pixels)
                 except ImageError:
                     pass  # it decoded a moment ago; a file changed under us only loses its overlay and refinement
-            full = full_size_map(m, size, img, self.model.config.model)
+            full = self.full_map(prediction, image=img)
             boxes, scores = self.boxes(prediction, full)
             if maps_dir is not None and map_format in ("npy", "both"):
                 save_npy_atomic(Path(maps_dir) / npy_name, full.astype(np.float16))

@@ -229,12 +229,13 @@ class Predictor:
             maps = self.maps(images)
             yield [Prediction(i, s, m, p) for i, s, m, p in zip(indices, sizes, maps, kept)], errors
 
-    def full_map(self, prediction: Prediction, refine: bool = True) -> np.ndarray:
+    def full_map(self, prediction: Prediction, refine: bool = True, image: Image.Image | None = None) -> np.ndarray:
         """A prediction's map at image size; refined as the weights say (calibration, guided filter, CRF) unless not
-        `refine`. The photo is taken from the prediction (decoded once, by the loader)."""
-        mc = self.model.config.model
-        return full_size_map(prediction.map, prediction.size, prediction.image() if refine else None,
-                             mc if refine else None)
+        `refine`. The photo is `image`, else the prediction's own (decoded once, by the loader)."""
+        if not refine:
+            return full_size_map(prediction.map, prediction.size)
+        photo = image if image is not None else prediction.image()
+        return full_size_map(prediction.map, prediction.size, photo, self.model.config.model)
 
     def _to_host(self, maps: torch.Tensor):
         """(maps on the CPU, CUDA event to wait for): on CUDA the copy is queued, so the next batch's forward can be

@@ -27,7 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise C2AMError(f"{path}: cannot write ({_why(e)})") from e
+        raise C2AMError(f"{path}: cannot write ({why_not_written(e)})") from e
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -37,17 +37,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp (and writers that recreate it) make 0600 files
         os.replace(tmp, path)
     except OSError as e:  # disk full, read-only folder, a folder in the way: one clear line, not a traceback
-        why = _why(e, path.parent)
+        why = why_not_written(e, path.parent)
         raise (DiskFull if why.startswith("disk full") else C2AMError)(f"{path}: cannot write ({why})") from e
     except Exception as e:  # writers that wrap the OS error in their own type (safetensors): still one line
         if "No space left" not in str(e) and "StorageFull" not in str(e):
             raise
-        raise DiskFull(f"{path}: cannot write ({_why(OSError(errno.ENOSPC, 'No space left on device'))})") from e
+        raise DiskFull(f"{path}: cannot write ({why_not_written(OSError(errno.ENOSPC, 'No space left on device'))})") from e
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _why(e: OSError, folder: Path | None = None) -> str:
+def why_not_written(e: OSError, folder: Path | None = None) -> str:
     """The reason for a failed write; a short write without an errno (NumPy's "N requested and M written") on a
     folder with next to no space left is a full disk too."""
     short = False
