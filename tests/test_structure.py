@@ -30,7 +30,7 @@ def test_no_import_cycles_between_modules():
 
 
 def test_layers_contract_holds(monkeypatch, capsys):
-    """The import-linter contract in pyproject.toml (cli > eval > predict | training | wsss > ... > runtime)."""
+    """The import-linter contract in pyproject.toml (cli > eval | training > predict | wsss | baselines > ... > runtime)."""
     pytest.importorskip("importlinter")
     from importlinter.cli import lint_imports
 

