@@ -69,6 +69,10 @@ def test_self_training_lifts_a_weak_map(weak, tmp_path):
     cfg = read_config(path)
     assert cfg.self_train is not None and cfg.self_train.decoder_levels == (0, 1) and len(cfg.self_train.teacher_sha256) == 64
     assert cfg.model.image_size == SIZE and cfg.model.scales == (1.0,) and cfg.model.calibration == ()
+    from c2am_cli.hub.card import model_card
+
+    card = model_card(cfg)
+    assert "## Self-training" in card and "| decoder | levels 0, 1 plus the head's, 64 channels |" in card
     tensors = load_file(str(path))
     teacher_tensors = load_file(str(root / "teacher" / "model.safetensors"))
     assert any(k.startswith("decoder.") for k in tensors)

@@ -88,6 +88,7 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         f"| backbone | {_backbone_training(t)}, BatchNorm statistics "
         f"{'updated' if t.bn_train else 'frozen'} |",
         f"| seed | {t.seed} |",
+        *_self_training(config.self_train),
         "", "## Metrics", "",
         _metrics_table(metrics) if metrics else "No metrics were recorded with these weights.",
         "", "## Usage", "",
@@ -102,6 +103,23 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         lines += ["", "## Notes", "", notes.strip()]
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
+
+
+def _self_training(st) -> list[str]:
+    """The self-training stage's section of the card (none without one)."""
+    if st is None:
+        return []
+    return ["", "## Self-training", "",
+            "The map is a saliency decoder's, fitted to the teacher's refined maps (pseudo-masks) of the training "
+            "images with the backbone and activation head frozen.", "",
+            "| | |", "|---|---|",
+            f"| teacher | {st.teacher} (sha256 {st.teacher_sha256[:12] or 'n/a'}) |",
+            f"| decoder | levels {_fmt(st.decoder_levels)} plus the head's, {st.decoder_channels} channels |",
+            f"| rounds / epochs per round | {st.rounds} / {st.epochs} |",
+            f"| crops | {st.image_size} px, random resized (area {_fmt(st.min_scale)}-1), flip, colour jitter |",
+            f"| loss | binary cross-entropy on confident pixels (pseudo-mask <= {_fmt(st.ignore[0])} or >= "
+            f"{_fmt(st.ignore[1])}) |",
+            f"| optimiser | AdamW, lr {_fmt(st.lr)}, weight decay {_fmt(st.weight_decay)}, cosine, batch {st.batch_size} |"]
 
 
 def _refinement(m) -> str:
