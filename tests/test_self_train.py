@@ -170,3 +170,24 @@ def C2AMConfig_with(**kw):
 
     return C2AMConfig(model=ModelConfig(backbone="test_resnet", image_size=SIZE, feature_levels=(3, 4)),
                       self_train=SelfTrainConfig(**kw))
+
+
+def test_bad_images_and_pseudo_masks_are_skipped_and_listed(weak, tmp_path):
+    root, truth = weak
+    images, masks = tmp_path / "images", tmp_path / "pseudo"
+    images.mkdir()
+    masks.mkdir()
+    for rel in truth:
+        (images / rel).symlink_to(root / "images" / rel)
+        (masks / rel).symlink_to(root / "pseudo" / rel)
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a PNG header, then nothing
+    (masks / "00.png").unlink()
+    (masks / "00.png").write_bytes(b"not a png")  # its image is fine, its pseudo-mask is not
+    result = invoke("train", images, "--stage", "self-train", "--init", root / "teacher", "--pseudo-masks", masks,
+                    "--epochs", 1, "--batch-size", 4, "--image-size", SIZE, "--decoder-levels", "0,1", "--workers", 0,
+                    "--device", "cpu", "--out", tmp_path / "run", "-q")
+    assert result.exit_code == 3, result.output  # trained, but some files could not be read
+    errors = [json.loads(line) for line in (tmp_path / "run" / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["path"] for e in errors) == ["00.png", "broken.png"]
+    assert "pseudo-mask" in next(e["reason"] for e in errors if e["path"] == "00.png")
+    assert (tmp_path / "run" / "model.safetensors").exists()
