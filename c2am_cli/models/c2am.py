@@ -1,4 +1,5 @@
-"""C2AM: a timm backbone cut at two feature levels, and the class-agnostic activation head."""
+"""C2AM: a timm backbone cut at two feature levels, the class-agnostic activation head, and (after the
+self-training stage) a saliency decoder over finer levels whose map replaces the head's."""
 from __future__ import annotations
 
 import math
@@ -22,7 +23,8 @@ class Backbone(nn.Module):
     (vit_small_patch14_dinov2: 12 blocks of 384 channels, -1 = the last block, (-2, -1) = blocks 10 and 11, taken
     before the final norm); tokens become maps by dropping the prefix (cls, register) tokens and reshaping to
     (N, C, H/p, W/p). Inputs that are not multiples of p (multi-scale inference makes them) are resized (bilinear) to
-    the nearest multiples first; `patch_size` is None for backbones without a patch embedding.
+    the nearest multiples first; `patch_size` is None for backbones without a patch embedding. `extra_levels` (a
+    saliency decoder's finer levels) come apart from the head's, from `forward_levels`.
     """
 
     def __init__(self, name: str, feature_levels=(-2, -1), output_stride: int | None = 16, pretrained: bool = False,
@@ -75,13 +77,9 @@ class Backbone(nn.Module):
         if self.nhwc:
             feats = [f.permute(0, 3, 1, 2) for f in feats]
         extra, feats = feats[:self.extra], feats[self.extra:]
-        return extra, self._merge(feats)
-
-    @staticmethod
-    def _merge(feats: list[torch.Tensor]) -> torch.Tensor:
         size = max((f.shape[-2:] for f in feats), key=lambda s: s[0] * s[1])
         feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
-        return torch.cat(feats, dim=1)
+        return extra, torch.cat(feats, dim=1)
 
     def freeze_before_level(self, levels: int) -> int:
         """Partial fine-tuning: freeze every module up to the one that outputs feature level -(levels + 1) (timm's
@@ -208,8 +206,8 @@ class C2AM(nn.Module):
         return raw_map if self.config.model.polarity >= 0 else 1 - raw_map
 
     def _view_map(self, images: torch.Tensor) -> torch.Tensor:
-        """One view's map before polarity: the decoder's foreground probability where there is one (polarity is
-        applied inside it), else the head's map."""
+        """One view's map as the head's polarity reads it (activation_maps applies `foreground` to the mean over
+        views): the head's map, or the decoder's foreground probability put into the head's polarity."""
         if self.decoder is None:
             return self.forward(images).map
         logits = self.decoder_logits(images)

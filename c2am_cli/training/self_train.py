@@ -263,11 +263,8 @@ class SelfTrainer:
             x = batch["images"].to(self.device, non_blocking=True)
             for group in self.optimizer.param_groups:  # cosine decay over the round
                 group["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.state["step"], steps) / steps))
-            with autocast(self.device, True):
-                with torch.no_grad():
-                    levels, feats = self.student.backbone.forward_levels(x)
-                    head = self.student.foreground(self.student.head(feats))
-                logits = self.student.decoder(feats, head, levels)
+            with autocast(self.device, True):  # the frozen backbone and head record no graph: only the decoder's
+                logits = self.student.decoder_logits(x)
             loss = confident_bce(logits, batch["masks"].to(self.device), self.cfg.ignore)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
