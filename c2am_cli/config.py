@@ -83,6 +83,7 @@ class SelfTrainConfig:
     min_scale: float = 0.35  # random resized crops: smallest share of the image's area
     ignore: tuple[float, float] = (0.3, 0.7)  # pseudo-mask values inside (lo, hi) are ignored; >= hi fg, <= lo bg
     rounds: int = 1  # 2 or more: relabel the images with the student, then train it again
+    relabel_crf: int = 10  # later rounds: dense-CRF iterations on the student's maps (as the teacher's; 0: off)
     seed: int = 0
     num_workers: int = 2
 

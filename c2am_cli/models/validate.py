@@ -67,6 +67,7 @@ def check_self_train_config(st: SelfTrainConfig) -> None:
     _number(st.epochs, "self_train.epochs", 1, 100_000, integer=True)
     _number(st.batch_size, "self_train.batch_size", 1, 65_536, integer=True)
     _number(st.rounds, "self_train.rounds", 1, 100, integer=True)
+    _number(st.relabel_crf, "self_train.relabel_crf", 0, 1000, integer=True)
     _number(st.image_size, "self_train.image_size", 16, MAX_IMAGE_SIZE, integer=True)
     _number(st.decoder_channels, "self_train.decoder_channels", 1, 1024, integer=True)
     _numbers(st.decoder_levels, "self_train.decoder_levels", -16, 16, integer=True)

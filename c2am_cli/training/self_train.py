@@ -191,25 +191,31 @@ class SelfTrainer:
 
     def _masks(self, round_: int) -> dict[str, Path]:
         """Round `round_`'s pseudo-mask per image: --pseudo-masks in round 1 where given, else the teacher's (round 1)
-        or the student's (later rounds) refined maps, written once by `localize` (resumable) and then marked done."""
+        or the student's (later rounds, `_relabeller`) refined maps, written once by `localize` (resumable) and then marked done."""
         names = output_names(self.files, ".png")
         if round_ == 0 and self.pseudo_masks is not None:
             return {rel: self.pseudo_masks / names[rel] for rel in self.files}
         folder = self.out_dir / PSEUDO_MASKS / f"round-{round_ + 1}"
         done = folder / "done.json"
         if not done.exists():
-            teacher = (None if self.cfg.teacher == "default" else self.cfg.teacher) if round_ == 0 else self.student
+            teacher = (None if self.cfg.teacher == "default" else self.cfg.teacher) if round_ == 0 else self._relabeller()
             if self.progress:
                 tqdm.write(f"round {round_ + 1}: pseudo-masks of {len(self.files)} images -> {folder}")
             summary = localize(self.image_dir, out=folder / "boxes.json", weights=teacher, maps_dir=folder,
                                map_format="png", device=str(self.device), progress=self.progress,
                                max_pixels=self.max_pixels)
-            self.student.to(memory_format=torch.contiguous_format)  # the predictor's layout undone (a resumed
-            # run, which never ran it, trains bit-identically)
             write_json_atomic(done, {"images": summary.images, "failed": summary.failed})
         for rec in json.loads(done.read_text())["failed"]:
             self._fail(rec["path"], rec["reason"])
         return {rel: folder / names[rel] for rel in self.files}
+
+    def _relabeller(self) -> C2AM:
+        """The student as the next round's teacher, refined as a teacher's maps are: its output (a probability) taken
+        as calibrated (linear knots) and dense-CRF-refined with `relabel_crf` iterations and the teacher's kernel."""
+        relabel = copy.deepcopy(self.student)
+        m = relabel.config.model
+        m.calibration, m.crf_iterations = ((0.0, 1.0), self.cfg.relabel_crf) if self.cfg.relabel_crf else ((), 0)
+        return relabel
 
     def run(self) -> Path:
         from ..runtime.locking import output_lock
