@@ -132,6 +132,8 @@ VARIANTS.update({
     "self-train-no-crf": dataclasses.replace(SELF_TRAIN, crf=False),
     "self-train-3-scales": dataclasses.replace(SELF_TRAIN, scales=(0.5, 1.0, 1.5)),
     "self-train-2-rounds": dataclasses.replace(SELF_TRAIN, self_train_rounds=2),
+    "self-train-scale-1.2": dataclasses.replace(SELF_TRAIN, scales=(1.2,)),  # inferred at 384
+    "self-train-mask-boxes": dataclasses.replace(SELF_TRAIN, boxes_from="mask"),
 })
 VARIANTS["dinov2-ft"] = dataclasses.replace(VARIANTS["dinov2-head"], finetune_epochs=3, finetune_lr=1e-3,
                                             finetune_levels=1)  # then its last block fine-tuned, the lite recipe
