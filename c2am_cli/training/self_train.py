@@ -89,7 +89,8 @@ class PseudoMaskPairs(Dataset):
             img = load_image(self.root / rel, self.max_pixels)
             mask = read_pseudo_mask(self.masks[rel], img.size)
             img, mask = self.joint(tv_tensors.Image(T.functional.pil_to_tensor(img)), tv_tensors.Mask(mask))
-            return {"index": i, "image": self.to_tensor(img.as_subclass(torch.Tensor)), "mask": mask.as_subclass(torch.Tensor)}
+            return {"index": i, "image": self.to_tensor(img.as_subclass(torch.Tensor)),
+                    "mask": mask.as_subclass(torch.Tensor)}
         except ImageError as e:
             return {"index": i, "error": e.reason}
         except Exception as e:  # one odd image must not end a run over thousands
@@ -191,14 +192,18 @@ class SelfTrainer:
 
     def _masks(self, round_: int) -> dict[str, Path]:
         """Round `round_`'s pseudo-mask per image: --pseudo-masks in round 1 where given, else the teacher's (round 1)
-        or the student's (later rounds, `_relabeller`) refined maps, written once by `localize` (resumable) and then marked done."""
+        or the student's (later rounds, `_relabeller`) refined maps, written once by `localize` (resumable), then
+        marked done."""
         names = output_names(self.files, ".png")
         if round_ == 0 and self.pseudo_masks is not None:
             return {rel: self.pseudo_masks / names[rel] for rel in self.files}
         folder = self.out_dir / PSEUDO_MASKS / f"round-{round_ + 1}"
         done = folder / "done.json"
         if not done.exists():
-            teacher = (None if self.cfg.teacher == "default" else self.cfg.teacher) if round_ == 0 else self._relabeller()
+            if round_ > 0:
+                teacher = self._relabeller()
+            else:
+                teacher = None if self.cfg.teacher == "default" else self.cfg.teacher
             if self.progress:
                 tqdm.write(f"round {round_ + 1}: pseudo-masks of {len(self.files)} images -> {folder}")
             summary = localize(self.image_dir, out=folder / "boxes.json", weights=teacher, maps_dir=folder,
@@ -228,7 +233,8 @@ class SelfTrainer:
         remove_stale_temps(self.out_dir, recursive=False)
         self._bad: set[str] = set()
         self.errors.reset()
-        kept = [r for r in self.log.read() if (r.get("round", 1) - 1, r.get("epoch", 0)) <= (self.state["round"], self.state["epoch"])]
+        at = (self.state["round"], self.state["epoch"])  # a resume trims the log back to the checkpoint
+        kept = [r for r in self.log.read() if (r.get("round", 1) - 1, r.get("epoch", 0)) <= at]
         write_text_atomic(self.log.path, "".join(json.dumps(r) + "\n" for r in kept))
         for rel, reason in self._scan_errors:
             self._fail(rel, reason)
