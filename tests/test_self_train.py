@@ -119,6 +119,18 @@ def _ok(*args):
     return result
 
 
+def test_a_finished_run_resumed_with_more_rounds_trains_them(weak, tmp_path):
+    root, _ = weak
+    run = tmp_path / "run"
+    self_train(root / "images", run, _config(root, epochs=1), pseudo_masks=root / "pseudo", device="cpu", progress=False)
+    self_train(root / "images", run, _config(root, epochs=1, rounds=2), pseudo_masks=root / "pseudo", device="cpu",
+               resume=True, progress=False)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["epoch"]) for r in log] == [(1, 1), (2, 1)]
+    assert read_config(run / "model.safetensors").self_train.rounds == 2
+    assert len(list((run / "pseudo-masks" / "round-2").glob("*.png"))) == 16  # the student's relabelling
+
+
 def test_cli_stage_uses_the_teachers_maps_and_its_weights_work_everywhere(weak, tmp_path):
     root, truth = weak
     run = tmp_path / "run"

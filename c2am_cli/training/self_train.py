@@ -139,6 +139,9 @@ class SelfTrainer:
         ckpt, opt_state = self.out_dir / CHECKPOINT, None
         if resume and ckpt.exists():
             self.student, opt_state = self._load_checkpoint(ckpt)
+            if config is not None:  # a resumed run may only be extended: more rounds
+                st = self.student.config.self_train
+                st.rounds = max(st.rounds, config.rounds)
         else:
             cfg = config or SelfTrainConfig()
             check_self_train_config(cfg)
