@@ -11,32 +11,28 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # throughput.py's Clock
 DATA = Path(os.environ.get("C2AM_DATA", ROOT.parent / "shared" / "data"))
 
 
-def cpu_seconds() -> float:
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def one_run(weights: str, images: Path, device: str) -> tuple[float, float]:
-    """(wall, CPU) seconds of one `localize --maps` over `images` into a fresh folder."""
-    from c2am_cli.predict.localize import localize
+    """(wall, CPU) seconds of one `localize --maps` over `images` into a fresh folder (throughput.py's Clock)."""
+    import torch
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t, c = time.perf_counter(), cpu_seconds()
+    from c2am_cli.predict.localize import localize
+    from throughput import Clock
+
+    with tempfile.TemporaryDirectory() as tmp, Clock(torch.device(device)) as clock:
         localize(images, out=Path(tmp) / "boxes.json", weights=None if weights == "default" else weights,
                  maps_dir=Path(tmp) / "maps", device=device, progress=False)
-        return time.perf_counter() - t, cpu_seconds() - c
+    return clock.wall, clock.cpu
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
@@ -28,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from c2am_cli.config import ModelConfig, TrainConfig  # noqa: E402
+from c2am_cli.hub.registry import file_sha256  # noqa: E402
 
 DATA = Path(os.environ.get("C2AM_DATA", ROOT.parent / "shared" / "data"))
 POOL = "unlabeled_pool/images"
 TEACHER = ROOT / "weights" / "default" / "model.safetensors"  # the self-training stage's teacher: the embedded default
-TEACHER_SHA = hashlib.sha256(TEACHER.read_bytes()).hexdigest() if TEACHER.exists() else "none"
+TEACHER_SHA = file_sha256(TEACHER) if TEACHER.exists() else "none"
 DEV_IMAGES = ("ecssd/images", "sod_bsds300/images", "weizmann_horse/images", "imagenet_val_subset/images",
               "voc2012_seg_subset/JPEGImages")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.errors import C2AMError
 from ..runtime.io import atomic_path
 
 
@@ -46,4 +47,17 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
                 st[name] = tensors[key]
     opt["state"] = {int(k): v for k, v in opt["state"].items()}
     model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return meta, model, opt
+
+
+def resume_checkpoint(path: Path, restore) -> tuple[dict, torch.nn.Module, dict]:
+    """(meta, model, optimizer state) of a checkpoint for --resume; `restore(meta, tensors)` rebuilds the model. Any
+    failure (truncated or garbled file, unknown config version, tensors of another model) is one line naming it."""
+    try:
+        meta, tensors, opt = load_checkpoint(path)
+        model = restore(meta, tensors)
+    except Exception as e:
+        reason = str(e) if isinstance(e, C2AMError) else f"{type(e).__name__}: {e}"
+        raise C2AMError(f"{path}: cannot resume from this checkpoint ({reason.splitlines()[0]}); "
+                        f"remove it to start afresh") from e
     return meta, model, opt

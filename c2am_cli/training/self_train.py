@@ -32,7 +32,7 @@ from ..runtime import distributed
 from ..runtime.device import autocast, resolve_device
 from ..runtime.errors import C2AMError, ImageError
 from ..runtime.io import JsonLines, remove_stale_temps, write_json_atomic, write_text_atomic
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"
 PSEUDO_MASKS = "pseudo-masks"  # OUT/pseudo-masks/round-K: the pseudo-masks of round K (PNG, 0-255 = P(foreground))
@@ -171,14 +171,12 @@ class SelfTrainer:
     def _load_checkpoint(self, path: Path):
         from ..config import C2AMConfig
 
-        try:
-            meta, tensors, opt = load_checkpoint(path)
+        def restore(meta, tensors):
             model = C2AM(C2AMConfig.from_json(meta["config"]))
             model.load_state_dict(tensors)
-        except Exception as e:
-            reason = str(e) if isinstance(e, C2AMError) else f"{type(e).__name__}: {e}"
-            raise C2AMError(f"{path}: cannot resume from this checkpoint ({reason.splitlines()[0]}); "
-                            f"remove it to start afresh") from e
+            return model
+
+        meta, model, opt = resume_checkpoint(path, restore)
         self.state = {k: meta[k] for k in ("round", "epoch", "step")}
         tqdm.write(f"resuming {self.out_dir}: round {meta['round'] + 1}, after epoch {meta['epoch']}")
         return model, opt
@@ -242,6 +240,8 @@ class SelfTrainer:
         for rel, reason in self._scan_errors:
             self._fail(rel, reason)
         m = self.student.config.model
+        if self.state["round"] >= self.cfg.rounds:  # nothing left to train: the model as the checkpoint has it
+            self.student.save(self.out_dir)
         for round_ in range(self.state["round"], self.cfg.rounds):
             masks = self._masks(round_)
             ds = PseudoMaskPairs(self.image_dir, self.files, masks, self.cfg, m.mean, m.std, self.max_pixels)
@@ -255,7 +255,6 @@ class SelfTrainer:
             self._save(round_ + 1)
         self.errors.close()
         self.log.close()
-        self.student.save(self.out_dir)
         return self.out_dir / "model.safetensors"
 
     def _epoch(self, ds: PseudoMaskPairs, round_: int, epoch: int, steps: int) -> None:

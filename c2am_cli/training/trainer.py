@@ -22,7 +22,7 @@ from ..runtime.device import autocast, resolve_device  # noqa: F401  (resolve_de
 from ..runtime.io import JsonLines, remove_stale_temps, write_text_atomic
 from ..models.loss import ContrastiveLoss
 from ..models.c2am import C2AM, C2AMOutput
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.safetensors"  # model + optimizer + progress, for --resume
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
@@ -193,15 +193,13 @@ class Trainer:
         return set_trainable(model, tcfg)
 
     def _load_checkpoint(self, path: Path):
-        try:
-            meta, tensors, opt = load_checkpoint(path)
+        def restore(meta, tensors):
             config = C2AMConfig.from_json(meta["config"])
             model = set_trainable(C2AM(config), config.train)
             model.load_state_dict(tensors)
-        except Exception as e:  # truncated or garbled file, unknown config version, tensors of another model
-            reason = str(e) if isinstance(e, C2AMError) else f"{type(e).__name__}: {e}"
-            raise C2AMError(f"{path}: cannot resume from this checkpoint ({reason.splitlines()[0]}); "
-                            f"remove it to start afresh") from e
+            return model
+
+        meta, model, opt = resume_checkpoint(path, restore)
         self.state = {"epoch": meta["epoch"], "step": meta["step"]}
         if distributed.is_main():
             tqdm.write(f"resuming {self.out_dir} after epoch {meta['epoch']}")
