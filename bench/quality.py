@@ -60,6 +60,7 @@ class Variant:
     self_train_epochs: int = 0  # > 0: a saliency decoder self-trained on the embedded default's refined maps instead
     self_train_size: int = 320  # its training crops and inference size
     self_train_rounds: int = 1
+    self_train_finetune_levels: int = 0  # K > 0: the backbone's last K levels and the head train with the decoder
     scales: tuple[float, ...] = (0.5, 1.0, 1.5)
     flip: bool = True
     edge_radius: float = 0.0
@@ -70,7 +71,8 @@ class Variant:
         """The run folder's name: the training fields (later ones only where they differ from the default)."""
         if self.self_train_epochs:
             return (f"self-train-teacher={TEACHER_SHA[:12]}-epochs={self.self_train_epochs}-size={self.self_train_size}"
-                    f"-rounds={self.self_train_rounds}-seed={seed}")
+                    f"-rounds={self.self_train_rounds}-seed={seed}"
+                    + (f"-ft-levels={self.self_train_finetune_levels}" if self.self_train_finetune_levels else ""))
         f, base = dataclasses.asdict(self), dataclasses.asdict(Variant())
         keys = [k for k in f if k in TRAIN_FIELDS or (k in LATER_TRAIN_FIELDS and f[k] != base[k])]
         ft = f"-ft={self.finetune_epochs}@{self.finetune_lr:g}" if self.finetune_epochs else ""
@@ -134,6 +136,7 @@ VARIANTS.update({
     "self-train-2-rounds": dataclasses.replace(SELF_TRAIN, self_train_rounds=2),
     "self-train-scale-1.2": dataclasses.replace(SELF_TRAIN, scales=(1.2,)),  # inferred at 384
     "self-train-mask-boxes": dataclasses.replace(SELF_TRAIN, boxes_from="mask"),
+    "self-train-ft-levels-2": dataclasses.replace(SELF_TRAIN, self_train_finetune_levels=2),
 })
 VARIANTS["dinov2-ft"] = dataclasses.replace(VARIANTS["dinov2-head"], finetune_epochs=3, finetune_lr=1e-3,
                                             finetune_levels=1)  # then its last block fine-tuned, the lite recipe
@@ -186,7 +189,7 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
         from c2am_cli.training.self_train import self_train
 
         cfg = SelfTrainConfig(teacher="default", epochs=v.self_train_epochs, image_size=v.self_train_size,
-                              rounds=v.self_train_rounds, seed=seed)
+                              rounds=v.self_train_rounds, finetune_levels=v.self_train_finetune_levels, seed=seed)
         return self_train(training_folder(v.train_on, runs), run, cfg, pseudo_masks=teacher_masks(v.train_on, runs, device),
                           device=device, resume=resume, progress=False)
     if v.finetune_epochs:
@@ -351,10 +354,14 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     if v.self_train_epochs:  # the teacher's own recipe stays on record beside the stage's
         teacher = C2AM.from_file(TEACHER).config.data
         train_cmd = (f"c2am train ../shared/data/{POOL} --stage self-train --epochs {v.self_train_epochs} "
-                     f"--image-size {v.self_train_size} --rounds {v.self_train_rounds} --seed {seed} --out runs/default "
+                     f"--image-size {v.self_train_size} --rounds {v.self_train_rounds} "
+                     f"{f'--finetune-levels {v.self_train_finetune_levels} ' if v.self_train_finetune_levels else ''}"
+                     f"--seed {seed} --out runs/default "
                      f"(teacher: the embedded default of sha256 {TEACHER_SHA[:12]}, made by: {teacher['command']}; "
                      f"{teacher['calibrate']})")
-        init = f"the teacher's backbone and head (frozen); {teacher['init']}"
+        k = v.self_train_finetune_levels
+        init = (f"the teacher's backbone and head ({f'its last {k} levels and the head fine-tuned' if k else 'frozen'})"
+                f"; {teacher['init']}")
         model.config.self_train.teacher = f"the previous embedded default (sha256 {TEACHER_SHA[:12]})"
     cal_cmd = (f"c2am calibrate --weights runs/default --dataset masks --root ../shared/data/ecssd "
                f"--calibration-fraction 0.5 --scales {','.join(f'{x:g}' for x in v.scales)} "

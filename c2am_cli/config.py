@@ -79,6 +79,8 @@ class SelfTrainConfig:
     batch_size: int = 16
     lr: float = 1e-3  # AdamW on the decoder, cosine decay
     weight_decay: float = 1e-4
+    finetune_levels: int = 0  # K > 0: the backbone stages of its last K levels and the head train too (0: frozen)
+    finetune_lr_scale: float = 0.1  # their learning rate: lr times this
     image_size: int = 320  # training crops and the student's inference size
     min_scale: float = 0.35  # random resized crops: smallest share of the image's area
     ignore: tuple[float, float] = (0.3, 0.7)  # pseudo-mask values inside (lo, hi) are ignored; >= hi fg, <= lo bg

@@ -79,6 +79,29 @@ def test_self_training_lifts_a_weak_map(weak, tmp_path):
     assert all(torch.equal(tensors[k], v) for k, v in teacher_tensors.items())  # backbone and head frozen
 
 
+def test_fine_tuned_levels_train_with_the_decoder_and_the_rest_stays_the_teachers(weak, tmp_path):
+    root, truth = weak
+    path = self_train(root / "images", tmp_path / "run", _config(root, finetune_levels=1), pseudo_masks=root / "pseudo",
+                      device="cpu", progress=False)
+    predictor = Predictor(str(path), device="cpu", batch_size=8)
+    student = [_iou(predictor.predict(root / "images" / rel).map >= 0.5, gt) for rel, gt in truth.items()]
+    teacher = [_iou(np.asarray(Image.open(root / "pseudo" / rel)) >= 128, gt) for rel, gt in truth.items()]
+    assert np.mean(student) > np.mean(teacher) + 0.1, (np.mean(student), np.mean(teacher))
+    tensors, before = load_file(str(path)), load_file(str(root / "teacher" / "model.safetensors"))
+    changed = {k for k, v in before.items() if not torch.equal(tensors[k], v)}
+    model = C2AM.from_file(root / "teacher" / "model.safetensors")
+    model.backbone.freeze_before_level(1)  # the same split as the stage's: what it leaves frozen must be unchanged
+    frozen = {f"backbone.{n}" for n, p in model.backbone.named_parameters() if not p.requires_grad}
+    assert changed and not changed & frozen
+    assert any(k.startswith("head.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    assert all(torch.equal(tensors[k], before[k]) for k in before if k.endswith("running_mean"))  # BatchNorm frozen
+    from c2am_cli.hub.card import model_card
+
+    assert "last 1 feature level and the activation head trained along" in model_card(read_config(path))
+    with pytest.raises(C2AMError, match=r"--finetune-levels 9: .*or 0 to keep it frozen"):
+        SelfTrainer(root / "images", tmp_path / "r9", _config(root, finetune_levels=9), root / "pseudo", device="cpu")
+
+
 def test_confident_bce_ignores_the_uncertain_band():
     logits = torch.tensor([[[[2.0, -1.0, 0.5]]]])
     masks = torch.tensor([[[[0.9, 0.1, 0.5]]]])  # fg, bg, ignored
@@ -86,9 +109,10 @@ def test_confident_bce_ignores_the_uncertain_band():
     assert confident_bce(logits, masks, (0.3, 0.7)).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(weak, tmp_path, monkeypatch):
+@pytest.mark.parametrize("finetune_levels", [0, 1])
+def test_resumed_run_equals_an_uninterrupted_one(weak, tmp_path, monkeypatch, finetune_levels):
     root, _ = weak
-    cfg = _config(root, epochs=2, rounds=2)
+    cfg = _config(root, epochs=2, rounds=2, finetune_levels=finetune_levels)
     whole = self_train(root / "images", tmp_path / "whole", cfg, pseudo_masks=root / "pseudo", device="cpu",
                        progress=False)
     epochs_run = []

@@ -34,7 +34,7 @@ def train(
     augment: str = typer.Option("crop", help="Training views: crop (the authors': resize, flip, random crop) or strong (+ random scale, colour jitter, grayscale)."),
     feature_levels: str = typer.Option("-2,-1", help="The backbone's feature levels the head sees (timm out_indices), brought to the finest of them."),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="Train the activation head only."),
-    finetune_levels: int = typer.Option(0, "--finetune-levels", min=0, help="Partial fine-tuning: train only the backbone stages of its last K feature levels (0: the whole backbone)."),
+    finetune_levels: int = typer.Option(0, "--finetune-levels", min=0, help="Partial fine-tuning: train only the backbone stages of its last K feature levels (0: the whole backbone). Self-train: K > 0 trains those stages and the head with the decoder, at lr/10 (0, the default: both frozen)."),
     cache_views: int = typer.Option(0, min=0, help="With --freeze-backbone: precompute this many augmented views per image (fast, uses memory)."),
     bn_train: bool = typer.Option(False, "--bn-train", help="Update backbone BatchNorm statistics (the authors' setting; hurts on small data)."),
     output_stride: int = typer.Option(16, help="Ask timm for this output stride where the backbone supports it (0: native)."),
@@ -70,7 +70,7 @@ def train(
                               lr=st.lr if lr is None else lr, image_size=image_size or st.image_size, rounds=rounds,
                               decoder_levels=numbers(decoder_levels, int, "--decoder-levels", "timm feature indices such as '1,2'", required=True),
                               ignore=numbers(ignore, float, "--ignore", "two numbers such as '0.3,0.7'", required=True),
-                              seed=seed, num_workers=workers)
+                              finetune_levels=finetune_levels, seed=seed, num_workers=workers)
         trainer = SelfTrainer(image_dir, out, cfg, pseudo_masks, device=device, resume=resume, progress=not quiet,
                               strict=strict, max_pixels=max_pixels)
         return _finish(trainer, trainer.run(), push_to_hub)

@@ -111,7 +111,10 @@ def _self_training(st) -> list[str]:
         return []
     return ["", "## Self-training", "",
             "The map is a saliency decoder's, fitted to the teacher's refined maps (pseudo-masks) of the training "
-            "images with the backbone and activation head frozen.", "",
+            "images with " + ("the backbone and activation head frozen." if not st.finetune_levels else
+                              f"the backbone's last {st.finetune_levels} feature level{'s' if st.finetune_levels > 1 else ''}"
+                              f" and the activation head trained along (lr x {_fmt(st.finetune_lr_scale)}, BatchNorm "
+                              "statistics frozen)."), "",
             "| | |", "|---|---|",
             f"| teacher | {st.teacher} (sha256 {st.teacher_sha256[:12] or 'n/a'}) |",
             f"| decoder | levels {_fmt(st.decoder_levels)} plus the head's, {st.decoder_channels} channels |",

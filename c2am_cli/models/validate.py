@@ -73,6 +73,8 @@ def check_self_train_config(st: SelfTrainConfig) -> None:
     _numbers(st.decoder_levels, "self_train.decoder_levels", -16, 16, integer=True)
     _number(st.lr, "self_train.lr", 0, 10)
     _number(st.weight_decay, "self_train.weight_decay", 0, 10)
+    _number(st.finetune_levels, "self_train.finetune_levels", 0, 64, integer=True)
+    _number(st.finetune_lr_scale, "self_train.finetune_lr_scale", 0, 100)
     lo, hi = _numbers(st.ignore, "self_train.ignore", 0, 1, 2)
     if lo > hi:
         raise C2AMError(f"self_train.ignore is {st.ignore!r}: the lower bound is above the upper")

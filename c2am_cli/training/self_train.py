@@ -1,6 +1,6 @@
 """The self-training stage (`c2am train --stage self-train`): a teacher's refined maps of a folder (calibrated, CRF,
 as `c2am localize --maps` writes them) become pseudo-masks, and a light saliency decoder on the frozen backbone
-learns them from augmented views, confident pixels only; more rounds relabel the images with the student. The
+learns them from augmented views, confident pixels only (optionally with the backbone's last levels); more rounds relabel the images with the student. The
 result is an ordinary c2am model whose map is the decoder's (run `c2am calibrate` on it, as on any new weights)."""
 from __future__ import annotations
 
@@ -155,18 +155,32 @@ class SelfTrainer:
         if len(self.files) < 2:
             raise C2AMError(f"{self.image_dir}: {len(self.files)} image(s); self-training needs at least 2")
         self.student.to(self.device)
-        for p in self.student.parameters():
-            p.requires_grad_(False)
-        for p in self.student.decoder.parameters():
-            p.requires_grad_(True)
+        self._set_trainable()
         self.optimizer = self._optimizer()
         if opt_state is not None:
             self.optimizer.load_state_dict(opt_state)
         self.errors = JsonLines(self.out_dir / "errors.jsonl")
         self.log = JsonLines(self.out_dir / "log.jsonl")
 
+    def _set_trainable(self) -> None:
+        """The decoder trains; with finetune_levels K, the backbone stages of its last K levels and the head too."""
+        self.student.requires_grad_(False)
+        self.student.decoder.requires_grad_(True)
+        if self.cfg.finetune_levels:
+            self.student.backbone.requires_grad_(True)
+            try:
+                self.student.backbone.freeze_before_level(self.cfg.finetune_levels)
+            except C2AMError as e:
+                raise C2AMError(f"{e}".replace("or 0 for the whole backbone", "or 0 to keep it frozen")) from None
+            self.student.head.requires_grad_(True)
+
     def _optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.student.decoder.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        """AdamW: the decoder at lr, the fine-tuned backbone stages and head (if any) at lr x finetune_lr_scale."""
+        decoder = list(self.student.decoder.parameters())
+        rest = [p for n, p in self.student.named_parameters() if p.requires_grad and not n.startswith("decoder.")]
+        groups = [{"params": decoder, "lr_scale": 1.0}]
+        groups += [{"params": rest, "lr_scale": self.cfg.finetune_lr_scale}] if rest else []
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _load_checkpoint(self, path: Path):
         from ..config import C2AMConfig
@@ -264,7 +278,7 @@ class SelfTrainer:
         loader = DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=True, drop_last=len(ds) > self.cfg.batch_size,
                             num_workers=self.cfg.num_workers, collate_fn=collate_pairs, generator=g,
                             pin_memory=self.device.type == "cuda")
-        self.student.eval()  # backbone and head frozen, BatchNorm statistics too
+        self.student.eval()  # BatchNorm statistics of the backbone and head frozen (their weights too, but K levels)
         self.student.decoder.train()
         total, n, t0 = 0.0, 0, time.time()
         bar = tqdm(loader, desc=f"round {round_ + 1} epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
@@ -275,9 +289,10 @@ class SelfTrainer:
             if batch["images"] is None:
                 continue
             x = batch["images"].to(self.device, non_blocking=True)
-            for group in self.optimizer.param_groups:  # cosine decay over the round
-                group["lr"] = self.cfg.lr * 0.5 * (1 + math.cos(math.pi * min(self.state["step"], steps) / steps))
-            with autocast(self.device, True):  # the frozen backbone and head record no graph: only the decoder's
+            cosine = 0.5 * (1 + math.cos(math.pi * min(self.state["step"], steps) / steps))  # decay over the round
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.lr * group["lr_scale"] * cosine
+            with autocast(self.device, True):  # frozen levels record no graph
                 logits = self.student.decoder_logits(x)
             loss = confident_bce(logits, batch["masks"].to(self.device), self.cfg.ignore)
             self.optimizer.zero_grad(set_to_none=True)
