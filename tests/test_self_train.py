@@ -102,6 +102,18 @@ def test_fine_tuned_levels_train_with_the_decoder_and_the_rest_stays_the_teacher
         SelfTrainer(root / "images", tmp_path / "r9", _config(root, finetune_levels=9), root / "pseudo", device="cpu")
 
 
+def test_a_self_trained_model_teaches_a_new_decoder(weak, tmp_path):
+    root, _ = weak
+    first = self_train(root / "images", tmp_path / "first", _config(root, epochs=1), pseudo_masks=root / "pseudo",
+                       device="cpu", progress=False)
+    second = self_train(root / "images", tmp_path / "second", _config(root, teacher=str(first), epochs=1,
+                                                                      decoder_levels=(1,)),
+                        pseudo_masks=root / "pseudo", device="cpu", progress=False)
+    tensors, teacher = load_file(str(second)), load_file(str(first))
+    assert read_config(second).self_train.decoder_levels == (1,)
+    assert all(torch.equal(tensors[k], v) for k, v in teacher.items() if not k.startswith("decoder."))
+
+
 def test_confident_bce_ignores_the_uncertain_band():
     logits = torch.tensor([[[[2.0, -1.0, 0.5]]]])
     masks = torch.tensor([[[[0.9, 0.1, 0.5]]]])  # fg, bg, ignored

@@ -48,7 +48,8 @@ def student_from(teacher: C2AM, cfg: SelfTrainConfig) -> C2AM:
     m.calibration, m.calibration_source, m.crf_iterations = (), "", 0
     m.box_threshold_source = f"{m.box_threshold_source} (the teacher's; calibrate the student)"
     student = C2AM(config)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    own = {k: v for k, v in teacher.state_dict().items() if not k.startswith("decoder.")}  # a self-trained teacher's too
+    missing, unexpected = student.load_state_dict(own, strict=False)
     if unexpected or any(not k.startswith("decoder.") for k in missing):
         raise C2AMError(f"teacher {cfg.teacher}: its tensors do not fit the student ({(unexpected or missing)[0]})")
     return student
