@@ -1,7 +1,8 @@
 """The self-training stage (`c2am train --stage self-train`): a teacher's refined maps of a folder (calibrated, CRF,
-as `c2am localize --maps` writes them) become pseudo-masks, and a light saliency decoder on the frozen backbone
-learns them from augmented views, confident pixels only (optionally with the backbone's last levels); more rounds relabel the images with the student. The
-result is an ordinary c2am model whose map is the decoder's (run `c2am calibrate` on it, as on any new weights)."""
+as `c2am localize --maps` writes them) become pseudo-masks, and a light saliency decoder on the backbone (frozen, or
+its last levels trained along) learns them from augmented views, confident pixels only; more rounds relabel the
+images with the student. The result is an ordinary c2am model whose map is the decoder's (run `c2am calibrate` on
+it, as on any new weights)."""
 from __future__ import annotations
 
 import copy
@@ -279,7 +280,7 @@ class SelfTrainer:
         loader = DataLoader(ds, batch_size=self.cfg.batch_size, shuffle=True, drop_last=len(ds) > self.cfg.batch_size,
                             num_workers=self.cfg.num_workers, collate_fn=collate_pairs, generator=g,
                             pin_memory=self.device.type == "cuda")
-        self.student.eval()  # BatchNorm statistics of the backbone and head frozen (their weights too, but K levels)
+        self.student.eval()  # the backbone's and head's BatchNorm statistics stay frozen, trained levels included
         self.student.decoder.train()
         total, n, t0 = 0.0, 0, time.time()
         bar = tqdm(loader, desc=f"round {round_ + 1} epoch {epoch + 1}/{self.cfg.epochs}", disable=not self.progress,
