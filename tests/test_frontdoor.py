@@ -245,8 +245,12 @@ def test_every_option_is_described_and_examples_stay_verbatim():
 
 
 def test_the_refine_help_names_the_stored_cue_threshold():
+    from c2am_cli.config import read_config
+    from c2am_cli.hub.resolve import embedded_default
+
+    stored = read_config(embedded_default()).model.cue_threshold  # 0.48 for today's default
     out = CliRunner().invoke(app, ["refine", "--help"], terminal_width=200).output
-    assert "0.72 for the embedded default" in " ".join(out.split())
+    assert f"{stored:g} for the embedded default" in " ".join(out.split()) and stored != 0.3
 
 
 # -- 6. small output promises ------------------------------------------------------------------------
