@@ -81,11 +81,11 @@ class Backbone(nn.Module):
         feats = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats]
         return extra, torch.cat(feats, dim=1)
 
-    def freeze_before_level(self, levels: int) -> int:
+    def freeze_before_level(self, levels: int, zero: str = "0 for the whole backbone") -> int:
         """Partial fine-tuning: freeze every module up to the one that outputs feature level -(levels + 1) (timm's
         feature_info names it; modules come in forward order), so the stages of the last `levels` levels train.
-        For vision transformers a level is a block: K trains the last K blocks. Returns how many parameter tensors
-        were frozen."""
+        For vision transformers a level is a block: K trains the last K blocks. `zero` names what 0 means to the
+        caller, for the refusal. Returns how many parameter tensors were frozen."""
         present = [f".{n}." for n, _ in self.body.named_modules()]
         modules = []  # the levels' modules that exist: timm prunes ViT blocks past the last level, and names the
         for info in self.body.feature_info.info:  # children of flattened Sequentials with '_' for '.'
@@ -93,7 +93,7 @@ class Backbone(nn.Module):
             modules += found[:1]
         if not 0 < levels < len(modules):
             raise C2AMError(f"--finetune-levels {levels}: this backbone has {len(modules)} feature levels "
-                            f"(use 1..{len(modules) - 1}, or 0 for the whole backbone)")
+                            f"(use 1..{len(modules) - 1}, or {zero})")
         last = modules[-levels - 1]
         frozen, inside = 0, False
         for name, module in self.body.named_modules():

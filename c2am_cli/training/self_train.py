@@ -170,10 +170,7 @@ class SelfTrainer:
         self.student.decoder.requires_grad_(True)
         if self.cfg.finetune_levels:
             self.student.backbone.requires_grad_(True)
-            try:
-                self.student.backbone.freeze_before_level(self.cfg.finetune_levels)
-            except C2AMError as e:
-                raise C2AMError(f"{e}".replace("or 0 for the whole backbone", "or 0 to keep it frozen")) from None
+            self.student.backbone.freeze_before_level(self.cfg.finetune_levels, zero="0 to keep it frozen")
             self.student.head.requires_grad_(True)
 
     def _optimizer(self) -> torch.optim.Optimizer:
