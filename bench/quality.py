@@ -139,6 +139,7 @@ VARIANTS.update({
     "self-train-scale-1.2": dataclasses.replace(SELF_TRAIN, scales=(1.2,)),  # inferred at 384
     "self-train-mask-boxes": dataclasses.replace(SELF_TRAIN, boxes_from="mask"),
     "self-train-ft-levels-2": dataclasses.replace(SELF_TRAIN, self_train_finetune_levels=2),
+    "self-train-ft-levels-2-rounds-2": dataclasses.replace(SELF_TRAIN, self_train_finetune_levels=2, self_train_rounds=2),
 })
 VARIANTS["dinov2-ft"] = dataclasses.replace(VARIANTS["dinov2-head"], finetune_epochs=3, finetune_lr=1e-3,
                                             finetune_levels=1)  # then its last block fine-tuned, the lite recipe
