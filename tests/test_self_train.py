@@ -73,6 +73,8 @@ def test_self_training_lifts_a_weak_map(weak, tmp_path):
 
     card = model_card(cfg)
     assert "## Self-training" in card and "| decoder | levels 0, 1 plus the head's, 64 channels |" in card
+    assert "## Training (the contrastive stage)" in card
+    assert f"| seed | {cfg.self_train.seed} |" in card.split("## Self-training")[1].split("## Metrics")[0]
     tensors = load_file(str(path))
     teacher_tensors = load_file(str(root / "teacher" / "model.safetensors"))
     assert any(k.startswith("decoder.") for k in tensors)

@@ -76,7 +76,7 @@ def model_card(config, repo_id: str | None = None, license: str | None = None, n
         f"| test-time scales / flip | {_fmt(m.scales)} / {'yes' if m.flip else 'no'} |",
         f"| maps at image size | {_refinement(m)} |",
         f"| versions | {', '.join(f'{k} {v}' for k, v in sorted(config.versions.items())) or 'n/a'} |",
-        "", "## Training", "",
+        "", "## Training" + (" (the contrastive stage)" if config.self_train else ""), "",
         "| | |", "|---|---|",
         *[f"| {k.replace('_', ' ')} | {_fmt(v)} |" for k, v in data.items()],
         f"| epochs | {t.epochs} |",
@@ -119,6 +119,7 @@ def _self_training(st) -> list[str]:
             f"| teacher | {st.teacher} (sha256 {st.teacher_sha256[:12] or 'n/a'}) |",
             f"| decoder | levels {_fmt(st.decoder_levels)} plus the head's, {st.decoder_channels} channels |",
             f"| rounds / epochs per round | {st.rounds} / {st.epochs} |",
+            f"| seed | {st.seed} |",
             f"| crops | {st.image_size} px, random resized (area {_fmt(st.min_scale)}-1), flip, colour jitter |",
             f"| loss | binary cross-entropy on confident pixels (pseudo-mask <= {_fmt(st.ignore[0])} or >= "
             f"{_fmt(st.ignore[1])}) |",
